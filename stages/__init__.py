@@ -1,0 +1,1 @@
+"""Thin Typer commands, one per stage: parse, load params, call `pipeline`."""

@@ -1,0 +1,44 @@
+"""`mm`: the stage commands. Each lives in its own module under stages/.
+
+Nothing heavy (torch, transformers, zarr) is imported here: each command
+imports the pipeline inside its body, so `mm --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="mm",
+    help="Pretrain small language models as a chain of stages: sample → tokenizer → tokenize → config → train → export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _register() -> None:
+    # One line per stage; each module imports the pipeline lazily inside its command.
+    pass
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 1."""
+    from pipeline.errors import UserError
+
+    _register()
+    try:
+        app(standalone_mode=True)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
