@@ -22,7 +22,13 @@ app = typer.Typer(
 
 def _register() -> None:
     # One line per stage; each module imports the pipeline lazily inside its command.
-    pass
+    from stages.sample import sample
+    from stages.tokenize import tokenize
+    from stages.tokenizer import tokenizer
+
+    app.command("sample")(sample)
+    app.command("tokenizer")(tokenizer)
+    app.command("tokenize")(tokenize)
 
 
 def main() -> None:

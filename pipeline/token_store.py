@@ -1,0 +1,247 @@
+"""Read the token store (`tokens.zarr`) the way the trainer wants it: memory-mapped.
+
+zarr-python decodes chunks into fresh arrays; the trainer instead maps the
+chunk files directly. That is exact because `mm tokenize` writes the arrays
+with the v3 `bytes` codec (little-endian) and no compressor, and the default
+chunk-key encoding puts chunk i at `<array>/c/i`. `open_store` checks all of
+that, plus the format version, the dtype, every chunk file's size and the
+attributes' counts against the arrays, and raises a UserError naming the file.
+
+    store = open_store("data/tokens.zarr")
+    store.train.tokens[a:b]      # np.ndarray of uint16/uint32
+    store.train.doc_offsets      # int64, n_docs + 1
+    store.fingerprint            # identifies tokenizer + sources + split
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+FORMAT_NAME = "mm-tokens"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+
+
+class ChunkedTokens:
+    """A read-only 1-D view over several memory-mapped chunk files.
+
+    Supports len(), integer indexing and `[a:b]` slicing (step 1), which
+    returns a numpy array (a view when the slice lies in one chunk).
+    """
+
+    def __init__(self, maps: list[np.ndarray], length: int, chunk_len: int):
+        self.maps = maps
+        self.length = length
+        self.chunk_len = chunk_len
+        self.dtype = maps[0].dtype if maps else None
+        self.shape = (length,)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.length)
+            if step != 1:
+                return self[start:stop][::step]
+            if stop <= start:
+                return np.empty(0, dtype=self.dtype)
+            c0, c1 = start // self.chunk_len, (stop - 1) // self.chunk_len
+            if c0 == c1:
+                base = c0 * self.chunk_len
+                return self.maps[c0][start - base : stop - base]
+            parts = []
+            for c in range(c0, c1 + 1):
+                base = c * self.chunk_len
+                parts.append(self.maps[c][max(start - base, 0) : min(stop - base, self.chunk_len)])
+            return np.concatenate(parts)
+        i = int(key)
+        if i < 0:
+            i += self.length
+        if not 0 <= i < self.length:
+            raise IndexError(f"index {key} out of range for length {self.length}")
+        return self.maps[i // self.chunk_len][i % self.chunk_len]
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self[0 : self.length]
+        return arr.astype(dtype) if dtype is not None else arr
+
+
+@dataclass
+class Split:
+    tokens: np.ndarray | ChunkedTokens
+    """All tokens of the split, documents packed back to back (BOS + ids + EOS)."""
+    doc_offsets: np.ndarray
+    """int64, n_docs + 1: document d is tokens[doc_offsets[d]:doc_offsets[d+1]]."""
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.doc_offsets) - 1
+
+
+@dataclass
+class TokenStore:
+    path: Path
+    attrs: dict
+    train: Split
+    val: Split
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.attrs["dtype"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.attrs["tokenizer"]["vocab_size"])
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self.attrs["tokenizer"]["fingerprint"]
+
+    @property
+    def bos_id(self) -> int:
+        return int(self.attrs["tokenizer"]["bos_id"])
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.attrs["tokenizer"]["eos_id"])
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.attrs["tokenizer"]["pad_id"])
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the attributes that define the data (format, tokenizer, sources,
+        split rule, counts): equal stores give equal fingerprints wherever they lie."""
+        keys = ("format", "version", "dtype", "tokenizer", "text_field", "val_fraction", "sources", "counts")
+        canon = json.dumps({k: self.attrs.get(k) for k in keys}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()
+
+    def split(self, name: str) -> Split:
+        if name not in SPLITS:
+            raise KeyError(name)
+        return getattr(self, name)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: missing ({what})")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path}: not valid JSON ({what})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not a JSON object ({what})")
+    return obj
+
+
+def _open_array(array_dir: Path, dtype: np.dtype):
+    """Validate one array's zarr.json and chunk files; returns (maps, length, chunk_len)."""
+    meta_path = array_dir / "zarr.json"
+    meta = _read_json(meta_path, "array metadata")
+    if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+        raise UserError(f"{meta_path}: not a Zarr v3 array")
+    if meta.get("data_type") != dtype.name:
+        raise UserError(f"{meta_path}: data_type {meta.get('data_type')!r}, expected {dtype.name!r}")
+    shape = meta.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int)):
+        raise UserError(f"{meta_path}: expected a 1-D array, shape is {shape!r}")
+    grid = meta.get("chunk_grid", {})
+    chunk = (grid.get("configuration") or {}).get("chunk_shape")
+    if grid.get("name") != "regular" or not (isinstance(chunk, list) and len(chunk) == 1 and chunk[0] > 0):
+        raise UserError(f"{meta_path}: expected a regular 1-D chunk grid")
+    codecs = meta.get("codecs")
+    raw_ok = (isinstance(codecs, list) and len(codecs) == 1 and codecs[0].get("name") == "bytes"
+              and (codecs[0].get("configuration") or {}).get("endian", "little") == "little")
+    if not raw_ok or meta.get("storage_transformers"):
+        raise UserError(f"{meta_path}: chunks are encoded ({codecs!r}); only uncompressed little-endian "
+                        "`bytes` chunks can be memory-mapped (re-run `mm tokenize`)")
+    cke = meta.get("chunk_key_encoding", {})
+    if cke.get("name") != "default" or (cke.get("configuration") or {}).get("separator", "/") != "/":
+        raise UserError(f"{meta_path}: expected the default chunk key encoding ('c/<i>')")
+
+    length, chunk_len = shape[0], chunk[0]
+    n_chunks = -(-length // chunk_len)
+    dt = dtype.newbyteorder("<")
+    maps = []
+    for i in range(n_chunks):
+        f = array_dir / "c" / str(i)
+        if not f.is_file():
+            raise UserError(f"{f}: chunk file missing")
+        want = chunk_len * dt.itemsize
+        size = f.stat().st_size
+        if size != want:
+            raise UserError(f"{f}: chunk file is {size} bytes, expected {want} (truncated or altered)")
+        maps.append(np.memmap(f, dtype=dt, mode="r", shape=(chunk_len,)))
+    return maps, length, chunk_len
+
+
+def _open_split(root: Path, name: str, dtype: np.dtype, counts: dict) -> Split:
+    maps, n_tok, chunk_len = _open_array(root / name / "tokens", dtype)
+    omaps, n_off, ochunk = _open_array(root / name / "doc_offsets", np.dtype("int64"))
+    if n_tok == 0:
+        tokens = np.zeros(0, dtype=dtype)
+    elif len(maps) == 1:
+        tokens = maps[0][:n_tok]
+    else:
+        tokens = ChunkedTokens(maps, n_tok, chunk_len)
+    if len(omaps) == 1:
+        offsets = omaps[0][:n_off]
+    elif n_off == 0:
+        offsets = np.zeros(0, dtype=np.int64)
+    else:
+        offsets = np.asarray(ChunkedTokens(omaps, n_off, ochunk)[0:n_off])
+
+    where = root / "zarr.json"
+    c = counts.get(name) or {}
+    if n_off < 1 or offsets[0] != 0 or offsets[-1] != n_tok:
+        raise UserError(f"{root / name / 'doc_offsets'}: offsets do not span {name}/tokens")
+    if c.get("tokens") != n_tok or c.get("documents") != n_off - 1:
+        raise UserError(f"{where}: attributes say {name} has {c.get('documents')} documents / "
+                        f"{c.get('tokens')} tokens, the arrays hold {n_off - 1} / {n_tok} (store altered?)")
+    return Split(tokens=tokens, doc_offsets=offsets)
+
+
+def open_store(path: str | Path) -> TokenStore:
+    """Open and validate a token store written by `mm tokenize`."""
+    root = Path(path)
+    if not root.exists():
+        raise UserError(f"{root}: token store not found (run `mm tokenize` first)")
+    meta_path = root / "zarr.json"
+    if not meta_path.is_file():
+        raise UserError(f"{root}: not a token store (no zarr.json)")
+    meta = _read_json(meta_path, "group metadata")
+    if meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
+        raise UserError(f"{meta_path}: not a Zarr v3 group")
+    attrs = meta.get("attributes") or {}
+    if attrs.get("format") != FORMAT_NAME:
+        raise UserError(f"{meta_path}: not an mm token store (format {attrs.get('format')!r})")
+    if attrs.get("version") != FORMAT_VERSION:
+        raise UserError(f"{meta_path}: token store version {attrs.get('version')!r}, this mm reads "
+                        f"version {FORMAT_VERSION} (re-run `mm tokenize`)")
+    try:
+        dtype = np.dtype(attrs["dtype"])
+        vocab = int(attrs["tokenizer"]["vocab_size"])
+        counts = attrs["counts"]
+        for k in ("fingerprint", "bos_id", "eos_id", "pad_id"):
+            attrs["tokenizer"][k]
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{meta_path}: attributes incomplete or malformed ({e})") from None
+    if dtype.name not in ("uint16", "uint32"):
+        raise UserError(f"{meta_path}: dtype {dtype.name!r} must be uint16 or uint32")
+    if vocab > np.iinfo(dtype).max + 1:
+        raise UserError(f"{meta_path}: vocab_size {vocab} does not fit dtype {dtype.name}")
+    splits = {name: _open_split(root, name, dtype, counts) for name in SPLITS}
+    return TokenStore(path=root, attrs=attrs, **splits)

@@ -1,0 +1,494 @@
+"""Raw JSONL → the packed token store (`tokens.zarr`) of DESIGN.md.
+
+How it runs:
+
+- The main process reads each input file in blocks (gzip is decompressed on
+  the fly), cuts them at line ends into batches of about `BATCH_BYTES`, and
+  hashes the raw file bytes as they pass (the source fingerprint).
+- Worker processes (spawned, one tokenizer thread each) parse the lines,
+  encode the texts with `Tokenizer.encode_batch`, split documents into
+  train/val by a hash of their text, and return packed token arrays.
+- The main process consumes the results strictly in input order and appends
+  them to raw chunk files, with at most a few batches in flight, so memory
+  does not grow with the input and the output does not depend on the number
+  of workers. Nothing in the output depends on batch boundaries either.
+- At the end the Zarr metadata (zarr.json for the group and each array) is
+  written with zarr-python and the finished store is renamed into place; an
+  interrupted run leaves only a hidden temporary directory that is removed.
+
+Chunk files are written directly: the arrays use the v3 `bytes` codec
+(little-endian) with no compressor, so a chunk file *is* the raw tokens, and
+the default chunk-key encoding puts chunk i of `train/tokens` at
+`train/tokens/c/i`. A split with more than one chunk has its last chunk padded
+to full size (zeros, as a sparse file) as the spec requires; a split that fits
+in one chunk gets a chunk shape equal to its length, so there is no padding.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+FORMAT_NAME = "mm-tokens"
+FORMAT_VERSION = 1
+CHUNK_TOKENS = 2**24
+"""Tokens per chunk file (32 MiB of uint16): large, so the trainer maps few files."""
+OFFSET_CHUNK = 2**21
+"""Entries per doc_offsets chunk (16 MiB of int64)."""
+BATCH_BYTES = 1 << 20
+"""Raw bytes of input per batch sent to a worker."""
+FIRST_LINES_KEPT = 5
+"""Line numbers remembered per rejection reason."""
+BOM = b"\xef\xbb\xbf"
+REASONS = ("empty_line", "not_utf8", "not_json", "not_object", "missing_field", "not_string", "empty_text")
+"""Why a line is rejected: blank line; invalid UTF-8 (or a lone surrogate escape);
+not JSON; JSON but not an object; no text field; text not a string; empty text."""
+
+
+# --------------------------------------------------------------------------- lines
+
+
+def parse_line(line: bytes, text_field: str) -> tuple[str | None, str | None]:
+    """One raw line (no newline, no BOM) → (text, None) or (None, reason)."""
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    if not line.strip():
+        return None, "empty_line"
+    try:
+        s = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "not_utf8"
+    try:
+        obj = json.loads(s)
+    except (ValueError, RecursionError):
+        return None, "not_json"
+    if not isinstance(obj, dict):
+        return None, "not_object"
+    if text_field not in obj:
+        return None, "missing_field"
+    text = obj[text_field]
+    if not isinstance(text, str):
+        return None, "not_string"
+    if not text:
+        return None, "empty_text"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # "\ud800": valid JSON, not valid Unicode
+        return None, "not_utf8"
+    return text, None
+
+
+class _HashingReader:
+    """A binary file wrapper that hashes and counts every byte read through it."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.sha.update(b)
+        self.pos += len(b)
+        return b
+
+    def drain(self) -> None:
+        while self.read(1 << 22):
+            pass
+
+
+def check_inputs(paths: list[Path]) -> None:
+    for p in paths:
+        if not p.exists():
+            raise UserError(f"{p}: input file not found")
+        if not p.is_file():
+            raise UserError(f"{p}: not a file")
+
+
+def iter_blocks(path: Path, block_bytes: int = BATCH_BYTES):
+    """Yield (raw_pos, first_line_no, data) for `path`: data holds whole lines only.
+
+    `raw_pos` is how far into the file on disk reading has got (progress);
+    lines are numbered from 1. The last block may lack a final newline. The
+    reader object is returned when the generator finishes (StopIteration.value).
+    """
+    raw = open(path, "rb")
+    reader = _HashingReader(raw)
+    src = gzip.GzipFile(fileobj=reader, mode="rb") if path.name.endswith(".gz") else reader
+    try:
+        line_no = 1
+        parts: list[bytes] = []  # a line longer than a block accumulates here
+        while True:
+            try:
+                block = src.read(block_bytes)
+            except (OSError, EOFError) as e:
+                raise UserError(f"{path}: cannot read ({e})") from None
+            if not block:
+                break
+            cut = block.rfind(b"\n")
+            if cut < 0:
+                parts.append(block)
+                continue
+            data = b"".join(parts) + block[: cut + 1] if parts else block[: cut + 1]
+            parts = [block[cut + 1 :]] if cut + 1 < len(block) else []
+            yield reader.pos, line_no, data
+            line_no += data.count(b"\n")
+        tail = b"".join(parts)
+        if tail:
+            yield reader.pos, line_no, tail
+        reader.drain()  # gzip may stop before trailing bytes; the hash covers the whole file
+    finally:
+        raw.close()
+    return reader
+
+
+# --------------------------------------------------------------------------- workers
+
+_W: dict = {}
+
+
+def _init_worker(tokenizer_json: str, text_field: str, val_fraction: float, bos: int, eos: int, dtype: str) -> None:
+    # One tokenizer thread per worker process: parallelism comes from processes.
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    _W.update(tok=Tokenizer.from_file(tokenizer_json), field=text_field, val=val_fraction,
+              bos=bos, eos=eos, dtype=np.dtype(dtype))
+
+
+def split_of(text_utf8: bytes, val_fraction: float) -> int:
+    """0 = train, 1 = val: blake2b-64 of the UTF-8 text, read as a fraction of 2**64."""
+    h = int.from_bytes(hashlib.blake2b(text_utf8, digest_size=8).digest(), "little")
+    return 1 if h < val_fraction * 2.0**64 else 0
+
+
+def _encode(task: tuple[int, bytes]) -> dict:
+    """A block of lines → packed tokens per split, doc lengths, byte counts, rejects."""
+    first_line_no, data = task
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()
+    if first_line_no == 1 and lines and lines[0].startswith(BOM):
+        lines[0] = lines[0][len(BOM):]
+    texts, splits, nbytes, rejects = [], [], [0, 0], []
+    for i, line in enumerate(lines):
+        text, reason = parse_line(line, _W["field"])
+        if reason is not None:
+            rejects.append((reason, first_line_no + i))
+            continue
+        b = text.encode("utf-8")
+        s = split_of(b, _W["val"])
+        texts.append(text)
+        splits.append(s)
+        nbytes[s] += len(b)
+    encs = _W["tok"].encode_batch(texts, add_special_tokens=False) if texts else []
+    bos, eos = _W["bos"], _W["eos"]
+    flat: list[list[int]] = [[], []]
+    lens: list[list[int]] = [[], []]
+    for enc, s in zip(encs, splits):
+        ids = enc.ids
+        out = flat[s]
+        out.append(bos)
+        out.extend(ids)
+        out.append(eos)
+        lens[s].append(len(ids) + 2)
+    dt = _W["dtype"]
+    return {
+        "tokens": [np.array(flat[0], dtype=dt), np.array(flat[1], dtype=dt)],
+        "lens": [np.array(lens[0], dtype=np.int64), np.array(lens[1], dtype=np.int64)],
+        "bytes": nbytes,
+        "rejects": rejects,
+        "lines": len(lines),
+    }
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class _ChunkWriter:
+    """Appends a 1-D array as raw little-endian chunk files `DIR/c/0`, `DIR/c/1`, ..."""
+
+    def __init__(self, directory: Path, dtype: np.dtype, chunk_len: int):
+        self.dir = directory / "c"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.chunk_len = chunk_len
+        self.n = 0
+        self.index = 0
+        self.in_chunk = 0
+        self.f = None
+
+    def append(self, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr, dtype=self.dtype)
+        while arr.size:
+            if self.f is None:
+                self.f = open(self.dir / str(self.index), "wb")
+                self.in_chunk = 0
+            take = min(self.chunk_len - self.in_chunk, arr.size)
+            self.f.write(arr[:take].tobytes())
+            self.in_chunk += take
+            self.n += take
+            arr = arr[take:]
+            if self.in_chunk == self.chunk_len:
+                self.f.close()
+                self.f = None
+                self.index += 1
+
+    def finish(self) -> tuple[int, int]:
+        """Close; returns (length, chunk shape). Pads a partial last chunk when there are several."""
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+            if self.index > 0:  # several chunks: the last is stored full size (spec)
+                with open(self.dir / str(self.index), "r+b") as f:
+                    f.truncate(self.chunk_len * self.dtype.itemsize)
+            self.index += 1
+        if self.n == 0:
+            return 0, self.chunk_len
+        if self.index == 1:
+            return self.n, self.n  # one chunk holding exactly the data: no padding
+        return self.n, self.chunk_len
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+@dataclass
+class _Split:
+    tokens: _ChunkWriter
+    offsets: _ChunkWriter
+    docs: int = 0
+    bytes: int = 0
+    end: int = 0
+
+
+@dataclass
+class _Rejects:
+    counts: dict = field(default_factory=dict)
+    first: dict = field(default_factory=dict)
+
+    def add(self, reason: str, where: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        lst = self.first.setdefault(reason, [])
+        if len(lst) < FIRST_LINES_KEPT:
+            lst.append(where)
+
+    def as_attrs(self) -> dict:
+        return {r: {"count": self.counts[r], "first_lines": self.first[r]} for r in REASONS if r in self.counts}
+
+
+def _progress(enabled: bool, total: int):
+    from rich.console import Console
+    from rich.progress import (BarColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn, TransferSpeedColumn, DownloadColumn)
+
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("tokenize"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, disable=not (enabled and console.is_terminal), transient=False,
+    )
+
+
+def tokenize_files(
+    inputs: list[str | Path],
+    tokenizer_dir: str | Path,
+    out: str | Path,
+    *,
+    workers: int = 1,
+    val_fraction: float = 0.005,
+    text_field: str = "text",
+    strict: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    chunk_tokens: int = CHUNK_TOKENS,
+    batch_bytes: int = BATCH_BYTES,
+) -> dict:
+    """Tokenize JSONL files into a token store at `out`; returns the store attributes
+    plus `seconds` (wall time) and `path`.
+
+    `workers` processes encode in parallel (1 = encode in this process); the output
+    is byte-identical for any value. `chunk_tokens` and `batch_bytes` exist for tests.
+    """
+    from pipeline.tokenizer_train import load_tokenizer
+
+    inputs = [Path(p) for p in inputs]
+    out = Path(out)
+    if not inputs:
+        raise UserError("no input files given")
+    check_inputs(inputs)
+    if not (0.0 <= val_fraction <= 1.0):
+        raise UserError(f"val_fraction must be in [0, 1], got {val_fraction}")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if out.exists() and not force:
+        raise UserError(f"{out}: output exists (use --force to replace it)")
+    tok, info = load_tokenizer(tokenizer_dir)
+    del tok
+    dtype = token_dtype(info["vocab_size"])
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if work.exists():
+        shutil.rmtree(work)
+    staging = work / "staging"
+    t0 = time.perf_counter()
+    init = (str(Path(tokenizer_dir) / "tokenizer.json"), text_field, float(val_fraction),
+            info["bos_id"], info["eos_id"], dtype)
+    try:
+        splits = {
+            name: _Split(_ChunkWriter(staging / name / "tokens", dtype, chunk_tokens),
+                         _ChunkWriter(staging / name / "doc_offsets", "int64", OFFSET_CHUNK))
+            for name in ("train", "val")
+        }
+        for sp in splits.values():
+            sp.offsets.append(np.zeros(1, dtype=np.int64))
+        rejects = _Rejects()
+        sources = []
+        total_lines = 0
+        total_size = sum(p.stat().st_size for p in inputs)
+        done_size = 0
+        n_tokens = 0
+
+        def consume(res: dict, path: Path) -> None:
+            nonlocal total_lines, n_tokens
+            for reason, line_no in res["rejects"]:
+                if strict:
+                    raise UserError(f"{path}:{line_no}: rejected line ({reason.replace('_', ' ')})")
+                rejects.add(reason, f"{path.name}:{line_no}")
+            total_lines += res["lines"]
+            for i, name in enumerate(("train", "val")):
+                sp = splits[name]
+                toks, lens = res["tokens"][i], res["lens"][i]
+                if lens.size:
+                    sp.tokens.append(toks)
+                    sp.offsets.append(sp.end + np.cumsum(lens))
+                    sp.end += int(toks.size)
+                    sp.docs += int(lens.size)
+                    n_tokens += int(toks.size)
+                sp.bytes += res["bytes"][i]
+
+        pool = None
+        if workers > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                       initializer=_init_worker, initargs=init)
+        else:
+            _init_worker(*init)
+        try:
+            with _progress(progress, total_size) as bar:
+                task = bar.add_task("tokenize", total=total_size, tps="0")
+
+                def advance(pos_delta: int) -> None:
+                    el = max(time.perf_counter() - t0, 1e-9)
+                    bar.update(task, advance=pos_delta, tps=f"{n_tokens / el:,.0f}")
+
+                for path in inputs:
+                    file_lines_before = total_lines
+                    pending: deque = deque()
+                    last_pos = 0
+                    gen = iter_blocks(path, batch_bytes)
+                    while True:
+                        try:
+                            pos, line_no, data = next(gen)
+                        except StopIteration as stop:
+                            reader = stop.value
+                            break
+                        delta, last_pos = pos - last_pos, pos
+                        if pool is None:
+                            consume(_encode((line_no, data)), path)
+                            advance(delta)
+                            continue
+                        pending.append((pool.submit(_encode, (line_no, data)), delta))
+                        while len(pending) > 2 * workers:  # bounded in flight: memory stays flat
+                            fut, d = pending.popleft()
+                            consume(fut.result(), path)
+                            advance(d)
+                    while pending:
+                        fut, d = pending.popleft()
+                        consume(fut.result(), path)
+                        advance(d)
+                    advance(reader.pos - last_pos)
+                    done_size += reader.pos
+                    sources.append({"name": path.name, "size": reader.pos, "sha256": reader.sha.hexdigest(),
+                                    "lines": total_lines - file_lines_before})
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+        shapes = {}
+        for name, sp in splits.items():
+            shapes[name] = {"tokens": sp.tokens.finish(), "doc_offsets": sp.offsets.finish()}
+        n_rejected = sum(rejects.counts.values())
+        attrs = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "dtype": dtype,
+            "tokenizer": {
+                "fingerprint": info["fingerprint"],
+                "vocab_size": info["vocab_size"],
+                "bos_id": info["bos_id"],
+                "eos_id": info["eos_id"],
+                "pad_id": info["pad_id"],
+            },
+            "text_field": text_field,
+            "val_fraction": float(val_fraction),
+            "split_hash": "blake2b-64 of the UTF-8 text < val_fraction * 2**64 -> val",
+            "sources": sources,
+            "counts": {
+                "lines": total_lines,
+                "kept": total_lines - n_rejected,
+                "rejected": n_rejected,
+                **{name: {"documents": sp.docs, "tokens": sp.tokens.n, "bytes": sp.bytes}
+                   for name, sp in splits.items()},
+            },
+            "rejected": rejects.as_attrs(),
+        }
+        store = work / "store"
+        _write_metadata(store, attrs, dtype, shapes)
+        for name in ("train", "val"):
+            for arr in ("tokens", "doc_offsets"):
+                os.rename(staging / name / arr / "c", store / name / arr / "c")
+        if out.exists():  # --force: swap in the new store, then drop the old one
+            old = work / "old"
+            os.rename(out, old)
+        os.rename(store, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {**attrs, "seconds": time.perf_counter() - t0, "path": str(out)}
+
+
+def _write_metadata(store: Path, attrs: dict, dtype: str, shapes: dict) -> None:
+    """zarr.json for the group and every array, through zarr-python's public API."""
+    import zarr
+
+    group = zarr.open_group(str(store), mode="w", zarr_format=3, attributes=attrs)
+    for name, arrays in shapes.items():
+        sub = group.create_group(name)
+        for arr, (length, chunk) in arrays.items():
+            sub.create_array(
+                arr,
+                shape=(length,),
+                chunks=(chunk,),
+                dtype=dtype if arr == "tokens" else "int64",
+                compressors=None,
+                filters=None,
+                fill_value=0,
+            )
