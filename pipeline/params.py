@@ -23,7 +23,7 @@ from pipeline.errors import UserError
 class DataParams:
     raw: str = "data/sample.jsonl"
     """The raw JSONL corpus (one {"text": ...} per line); point it at your own."""
-    val_fraction: float = 0.005
+    val_fraction: float = 0.02
     """Fraction of documents (chosen by a hash of their text) held out for validation."""
     text_field: str = "text"
     """The JSON field that holds each document's text."""

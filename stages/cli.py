@@ -29,6 +29,15 @@ def _register() -> None:
     app.command("sample")(sample)
     app.command("tokenizer")(tokenizer)
     app.command("tokenize")(tokenize)
+    from stages import evaluate, export, generate
+
+    app.command("export", help="Export a checkpoint: Hugging Face directory (--format hf) or GGUF (--format gguf).")(export.export)
+    app.command("generate", help="Stream a continuation of a prompt (checkpoint or export dir).")(generate.generate)
+    app.command("eval", help="Validation loss, perplexity and bits per byte on the val split.")(evaluate.evaluate)
+    from stages import config, train
+
+    app.command("config", help="Write the model architecture (model.json); print params and FLOPs.")(config.config)
+    app.command("train", help="Pretrain: mixed precision, gradient accumulation, DDP/FSDP, exact resume.")(train.train)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ def config(
     p = load(params, set)
     name = preset or p.model.preset
     _, info = load_tokenizer(tokenizer)
-    model_config = build_config(name, info.vocab_size, p.model.overrides)
+    model_config = build_config(name, info["vocab_size"], p.model.overrides)
     save_model_json(model_config, out, name)
 
     counts, memory = count_params(model_config), memory_bytes(model_config)

@@ -1,0 +1,113 @@
+"""`mm train`: pretrain on the token store; relaunch under torchrun for several processes."""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from stages.common import ParamsOption, SetOption, load
+
+
+def train(
+    data: Annotated[Path, typer.Option(help="Token store written by `mm tokenize`.")] = Path("data/tokens.zarr"),
+    tokenizer: Annotated[Path, typer.Option(help="Tokenizer dir the store was tokenized with.")] = Path("data/tokenizer"),
+    model: Annotated[Path, typer.Option(help="Model config written by `mm config`.")] = Path("data/model.json"),
+    resume: Annotated[str, typer.Option(help="auto (continue from out/ckpt.pth if present), none, or a checkpoint path.")] = "auto",
+    allow_data_change: Annotated[bool, typer.Option(help="Resume even though the token store changed.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    gpus: Annotated[int, typer.Option(help="GPUs per node: relaunch under torchrun with one process each (NCCL).")] = 0,
+    procs: Annotated[int, typer.Option(help="Processes per node on the CPU (gloo), for testing the distributed path anywhere.")] = 0,
+    nodes: Annotated[int, typer.Option(help="Number of nodes (multi-node: run the same command on each).")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This node's rank, 0 .. nodes-1.")] = 0,
+    master_addr: Annotated[str, typer.Option(help="Address of node 0.")] = "127.0.0.1",
+    master_port: Annotated[int, typer.Option(help="Port on node 0.")] = 29500,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option(help="host:port of a c10d rendezvous (instead of master addr/port).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the launcher command and the per-rank batch split, then stop.")] = False,
+    params: ParamsOption = Path("params.yaml"),
+    set: SetOption = None,
+) -> None:
+    from pipeline.distributed import launcher_command, under_launcher
+    from pipeline.errors import UserError
+
+    p = load(params, set)
+    if gpus and procs:
+        raise UserError("--gpus and --procs: give one of them (GPUs use NCCL, CPU processes gloo)")
+    if gpus:
+        device = "cuda"
+    elif procs and device == "auto":
+        device = "cpu"
+    per_node = gpus or procs or 1
+    if (per_node > 1 or nodes > 1) and not under_launcher():
+        worker_args = [
+            "--data", str(data), "--tokenizer", str(tokenizer), "--model", str(model), "--resume", resume,
+            "--device", device, "--params", str(params), *[a for s in set or [] for a in ("--set", s)],
+            *(["--allow-data-change"] if allow_data_change else []),
+        ]
+        cmd = launcher_command(worker_args, per_node, nodes, node_rank, master_addr, master_port, rdzv_endpoint)
+        world = per_node * nodes
+        if dry_run:
+            _print_plan(cmd, p.train, world)
+            return
+        raise typer.Exit(_run_launcher(cmd))
+    if dry_run:
+        _print_plan(None, p.train, 1)
+        return
+    _train_here(p, data, tokenizer, model, resume, allow_data_change, device)
+
+
+def _train_here(p, data, tokenizer, model, resume, allow_data_change, device) -> None:
+    from pipeline.train import PREEMPTED_EXIT_CODE, Preempted, train as run_training
+
+    try:
+        metrics = run_training(p, data, tokenizer, model, resume, allow_data_change, device)
+    except Preempted:
+        raise typer.Exit(PREEMPTED_EXIT_CODE)
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        shown = {k: v for k, v in metrics.items() if v is not None}
+        print("done: " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()), file=sys.stderr)
+
+
+def _run_launcher(cmd: list[str]) -> int:
+    """Run torchrun in its own process group; pass stop signals to every process in it."""
+    from pipeline.train import PREEMPTED_EXIT_CODE
+
+    child = subprocess.Popen(cmd, start_new_session=True)
+    forwarded: list[int] = []
+
+    def forward(signum, frame):
+        forwarded.append(signum)
+        try:
+            import os
+
+            os.killpg(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(s, forward)
+    code = child.wait()
+    if forwarded and code != 0:
+        return PREEMPTED_EXIT_CODE if signal.SIGINT not in forwarded else 130
+    if code != 0:
+        print(f"error: distributed training failed (launcher exit code {code}); the report above names the failing rank",
+              file=sys.stderr)
+        return 1 if code > 0 else 1
+    return 0
+
+
+def _print_plan(cmd: list[str] | None, tp, world: int) -> None:
+    per_rank = tp.micro_batch_size * tp.accumulation_steps
+    print("launcher: " + (shlex.join(cmd) if cmd else "(none: one process)"))
+    print(f"global batch: {tp.micro_batch_size} micro × {tp.accumulation_steps} accumulation × {world} processes "
+          f"= {per_rank * world} sequences of {tp.seq_len} tokens per step")
+    for r in range(world):
+        print(f"  rank {r}: samples [{r * per_rank}, {(r + 1) * per_rank}) of each step's global batch, "
+              f"{tp.accumulation_steps} micro-batch(es) of {tp.micro_batch_size}")
