@@ -1,0 +1,223 @@
+"""Load a model (a checkpoint or an exported directory) and sample from it with a KV cache.
+
+Loading an exported directory maps the safetensors names back through the
+same table export wrote them with (pipeline/export.py `weight_map`), strictly.
+
+Sampling, in the order applied to each step's logits: repetition penalty
+(CTRL: divide a positive logit of an already-seen token by the penalty,
+multiply a negative one), temperature (0 = greedy argmax), top-k, top-p
+(nucleus: the smallest set of tokens whose probability reaches p). Draws come
+from a torch.Generator seeded with `seed`, so the same seed on the same device
+gives the same text.
+
+The prompt is fed as BOS + its tokens, the way training documents start.
+Text is decoded incrementally: a piece is emitted only once its bytes form
+complete UTF-8 characters, so a character split over several byte-level
+tokens (Chinese, emoji) comes out whole.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    """pipeline.model.Transformer in eval mode, fp32."""
+    tokenizer: object
+    """tokenizers.Tokenizer."""
+    bos_id: int
+    eos_id: int
+    source: str
+    """'checkpoint' or 'export'."""
+    meta: dict = field(default_factory=dict)
+    """For a checkpoint: its data and metrics fields (seq_len, val_loss, ...)."""
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """A Transformer and its tokenizer from a ckpt.pth or from an `mm export` directory."""
+    from tokenizers import Tokenizer
+
+    from pipeline.export import BOS_TOKEN, EOS_TOKEN
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: model not found (give a ckpt.pth or an exported directory)")
+    if path.is_dir():
+        model, tok_json, meta = _load_export_dir(path)
+        source = "export"
+    else:
+        from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
+
+        state = load_checkpoint(path)
+        model = model_from_checkpoint(state)
+        tok_json = (state.get("tokenizer") or {}).get("tokenizer.json")
+        if tok_json is None:
+            raise UserError(f"{path}: the checkpoint carries no tokenizer.json")
+        meta = {"data": state.get("data") or {}, "metrics": state.get("metrics") or {}}
+        source = "checkpoint"
+    try:
+        tokenizer = Tokenizer.from_str(tok_json)
+    except Exception as e:  # tokenizers raises bare Exceptions
+        raise UserError(f"{path}: tokenizer.json is not readable ({str(e).splitlines()[0] if str(e) else e})") from None
+    bos, eos = tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
+    if bos is None or eos is None:
+        raise UserError(f"{path}: tokenizer lacks {BOS_TOKEN} or {EOS_TOKEN}")
+    return LoadedModel(model.to(device).eval(), tokenizer, bos, eos, source, meta)
+
+
+def _load_export_dir(path: Path):
+    from safetensors import safe_open
+
+    from pipeline.export import check_keys, config_from_hf, weight_map
+    from pipeline.model import Transformer
+
+    config_path, weights_path, tok_path = path / "config.json", path / "model.safetensors", path / "tokenizer.json"
+    for p in (config_path, weights_path, tok_path):
+        if not p.is_file():
+            raise UserError(f"{path}: not a model directory (no {p.name}; give a ckpt.pth or an `mm export` directory)")
+    try:
+        doc = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{config_path}: not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{config_path}: expected a JSON object")
+    config = config_from_hf(doc, source=str(config_path))
+    table = weight_map(config, doc["model_type"])  # ours → HF
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            names = list(f.keys())
+            check_keys(names, table.values(), str(weights_path))
+            state = {ours: f.get_tensor(theirs).float() for ours, theirs in table.items()}
+    except UserError:
+        raise
+    except Exception as e:  # safetensors' own errors: truncated or foreign file
+        raise UserError(f"{weights_path}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+    model = Transformer(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{weights_path}: weights do not fit config.json ({str(e).splitlines()[-1].strip()[:200]})") from None
+    return model, tok_path.read_text(encoding="utf-8"), {}
+
+
+# ---------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------
+
+
+def sample_next(logits: torch.Tensor, seen: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                repetition_penalty: float, generator: torch.Generator | None) -> int:
+    """One token from the last position's logits (vocab,); `seen` holds the ids so far."""
+    logits = logits.float().clone()
+    if repetition_penalty != 1.0 and seen.numel():
+        prev = logits[seen]
+        logits[seen] = torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty)
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits[order[drop]] = float("-inf")
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def generate(
+    loaded: LoadedModel,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    top_p: float = 0.95,
+    repetition_penalty: float = 1.0,
+    seed: int = 0,
+    stats: dict | None = None,
+) -> Iterator[str]:
+    """Yield text pieces as they are produced. `stats` (if given) receives
+    new_tokens, token_ids, seconds and tokens_per_second at the end."""
+    from pipeline.model import KVCache
+
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or repetition_penalty <= 0 or max_new_tokens < 0:
+        raise UserError("sampling: need temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0, max_new_tokens >= 0")
+    model, tok = loaded.model, loaded.tokenizer
+    config = model.config
+    device = next(model.parameters()).device
+    prompt_ids = [loaded.bos_id] + tok.encode(prompt).ids
+    if len(prompt_ids) >= config.max_seq_len:
+        raise UserError(f"prompt: {len(prompt_ids)} tokens, the model's context is {config.max_seq_len}")
+    max_new_tokens = min(max_new_tokens, config.max_seq_len - len(prompt_ids))
+
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    cache = KVCache(config, 1, len(prompt_ids) + max_new_tokens, device, torch.float32)
+    seen = torch.tensor(prompt_ids, device=device)
+    out_ids: list[int] = []
+    decoder = _IncrementalDecoder(tok)
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        logits = model.generate_next(seen[None], cache)[0]
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
+            if nxt == loaded.eos_id:
+                break
+            out_ids.append(nxt)
+            seen = torch.cat([seen, torch.tensor([nxt], device=device)])
+            piece = decoder.push(nxt)
+            if piece:
+                yield piece
+            if len(out_ids) == max_new_tokens:
+                break
+            logits = model.generate_next(torch.tensor([[nxt]], device=device), cache)[0]
+    tail = decoder.flush()
+    if tail:
+        yield tail
+    seconds = time.perf_counter() - start
+    if stats is not None:
+        stats.update(new_tokens=len(out_ids), token_ids=out_ids, prompt_tokens=len(prompt_ids),
+                     seconds=seconds, tokens_per_second=len(out_ids) / seconds if seconds > 0 else 0.0)
+
+
+class _IncrementalDecoder:
+    """Decode a growing id list, emitting only text whose UTF-8 bytes are complete.
+
+    The decoded tail is re-decoded from `prefix` (a few tokens back) each step,
+    so the cost per token stays constant.
+    """
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] decode to text already emitted
+        self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        done = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        full = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(full) > len(done) and not full.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return full[len(done) :]
+        return ""
+
+    def flush(self) -> str:
+        done = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        full = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        self.prefix = self.read = len(self.ids)
+        return full[len(done) :]

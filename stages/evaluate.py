@@ -1,0 +1,47 @@
+"""`mm eval`: validation loss, perplexity and bits per byte of a model on the val split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from stages.common import ParamsOption, SetOption, load
+
+
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="An `mm export` directory or a ckpt.pth.")] = Path("export"),
+    data: Annotated[Path, typer.Option("--data", help="Token store whose val/ split is scored.")] = Path("data/tokens.zarr"),
+    out: Annotated[Path, typer.Option("--out", help="Metrics JSON to write (for dvc metrics).")] = Path("out/eval.json"),
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Window length (default: params train.seq_len).")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, or auto.")] = "auto",
+    params: ParamsOption = Path("params.yaml"),
+    set: SetOption = None,
+) -> None:
+    """Score the val split: loss (nats/token), perplexity, bits per byte; JSON + a table."""
+    import json
+    import os
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.evaluate import evaluate_model
+
+    p = load(params, set)
+    result = evaluate_model(model, data, seq_len or p.train.seq_len, p.eval.batches, p.eval.batch_size,
+                            None if device == "auto" else device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+
+    table = Table(title=f"{model} on {data} val", show_header=False)
+    table.add_row("val loss (nats/token)", f"{result['val_loss']:.4f}")
+    table.add_row("perplexity", f"{result['perplexity']:.2f}")
+    table.add_row("bits per byte", f"{result['bits_per_byte']:.4f}")
+    table.add_row("scored", f"{result['tokens']:,} tokens, {result['bytes']:,} bytes, {result['windows']} windows of {result['seq_len']}")
+    if "train_val_loss" in result:
+        table.add_row("val loss at training", f"{result['train_val_loss']:.4f}")
+    Console().print(table)
+    Console().print(f"wrote {out}")
