@@ -14,10 +14,12 @@ to the newest checkpoint that verifies.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -57,40 +59,100 @@ def save_checkpoint(state: dict, out_dir: Path, keep_last: int) -> Path:
     state["checksum"] = state_digest(state)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = step_path(out_dir, state["step"])
+    _remove_stale_tmp(out_dir)  # a writer killed mid-save leaves its tmp file: free that space first
     tmp = out_dir / f".{path.name}.tmp-{os.getpid()}"
+    fault = injected_save_fault(state["step"])
+    writer = None
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            writer = _Writer(f, fail_after=64 << 10 if fault == "enospc" else None)
+            torch.save(state, writer)
             f.flush()
             os.fsync(f.fileno())
+        if fault == "kill":  # the complete tmp file exists, the rename has not happened
+            os.kill(os.getpid(), signal.SIGKILL)
         os.replace(tmp, path)
         _fsync_dir(out_dir)
         _point_latest(out_dir, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch.save turns the OSError of a failed write (ENOSPC, EIO) into a RuntimeError
+        # ("unexpected pos"); the writer kept the real one.
+        cause = (writer.error if writer is not None and writer.error else None) or e
         tmp.unlink(missing_ok=True)
-        raise UserError(f"{path}: saving the checkpoint failed ({e.strerror or e}); the previous checkpoint is intact") from None
-    _prune(out_dir, keep_last)
+        reason = os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno else str(cause).splitlines()[0][:200]
+        raise UserError(f"{path}: saving the checkpoint failed ({reason}); the previous checkpoint is intact") from None
+    _prune(out_dir, keep_last, state["step"])
     return path
+
+
+class _Writer:
+    """The file object torch.save writes through: remembers the OSError that torch.save hides."""
+
+    def __init__(self, f, fail_after: int | None = None):
+        self.f, self.fail_after, self.written, self.error = f, fail_after, 0, None
+
+    def write(self, data) -> int:
+        try:
+            if self.fail_after is not None and self.written + len(data) > self.fail_after:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # MM_INJECT_SAVE_FAULT=<step>:enospc
+            n = self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+        self.written += n
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def injected_save_fault(step: int) -> str | None:
+    """Fault injection for the reliability tests, like MM_INJECT_NAN_STEPS in pipeline/train.py.
+
+    MM_INJECT_SAVE_FAULT=6:kill,9:enospc: while saving step 6 the process SIGKILLs itself
+    after the temporary file is complete but before the rename; saving step 9 fails with
+    ENOSPC after 64 KiB, as on a full disk."""
+    for item in os.environ.get("MM_INJECT_SAVE_FAULT", "").split(","):
+        at, _, kind = item.partition(":")
+        if at.strip() and int(at) == step:
+            return kind.strip()
+    return None
 
 
 def _point_latest(out_dir: Path, target: Path) -> None:
     tmp = out_dir / f".{LATEST}.tmp-{os.getpid()}"
     tmp.unlink(missing_ok=True)
     try:
-        os.link(target, tmp)  # no copy: ckpt.pth is another name for the newest step file
+        try:
+            os.link(target, tmp)  # no copy: ckpt.pth is another name for the newest step file
+        except OSError:
+            shutil.copyfile(target, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, out_dir / LATEST)
     except OSError:
-        shutil.copyfile(target, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, out_dir / LATEST)
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(out_dir)
 
 
-def _prune(out_dir: Path, keep_last: int) -> None:
+def _prune(out_dir: Path, keep_last: int, saved_step: int) -> None:
+    """Keep the newest keep_last step files up to the one just saved, which is never deleted.
+
+    Step files newer than it belong to an abandoned future (a resume from an older
+    checkpoint, or a corrupt file that resume skipped): the run being saved replaces
+    them, so they go, as train_log.tsv is cut back on resume."""
     steps = sorted(step_checkpoints(out_dir))
-    # Never delete the newest: it is the one ckpt.pth names.
-    for _, path in steps[: -max(keep_last, 1)]:
+    older = [path for step, path in steps if step <= saved_step]
+    stale = [path for step, path in steps if step > saved_step]
+    for path in older[: -max(keep_last, 1)] + stale:
         path.unlink(missing_ok=True)
+
+
+def _remove_stale_tmp(out_dir: Path) -> None:
+    for path in out_dir.glob(".*.tmp-*"):
+        if STEP_FILE.search(path.name.partition(".tmp-")[0]) or path.name.startswith(f".{LATEST}.tmp-"):
+            path.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -138,12 +200,19 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 
 def find_resumable(out_dir: Path, warn=print) -> dict | None:
-    """The newest checkpoint in out_dir that verifies; each one skipped is reported through warn."""
-    candidates = sorted(step_checkpoints(out_dir), reverse=True)
-    latest = out_dir / LATEST
-    if latest.exists():
-        candidates.insert(0, (-1, latest))
-    for _, path in candidates:
+    """The newest checkpoint in out_dir that verifies; each one skipped is reported through warn.
+
+    Step files are tried newest first, then ckpt.pth (it is normally a hard link to the
+    newest step file, and only matters when the step files are gone). A kill between a step
+    file's rename and the ckpt.pth update leaves the step file newer: it is complete, so it wins."""
+    candidates = [path for _, path in sorted(step_checkpoints(out_dir), reverse=True)]
+    if (out_dir / LATEST).exists():
+        candidates.append(out_dir / LATEST)
+    tried: list[Path] = []
+    for path in candidates:
+        if any(_same_file(path, t) for t in tried):
+            continue  # ckpt.pth and its step file are one file: verify (and report) it once
+        tried.append(path)
         try:
             state = load_checkpoint(path)
         except UserError as e:
@@ -152,6 +221,13 @@ def find_resumable(out_dir: Path, warn=print) -> dict | None:
         state["path"] = str(path)
         return state
     return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def state_digest(obj) -> str:

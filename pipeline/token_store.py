@@ -4,8 +4,9 @@ zarr-python decodes chunks into fresh arrays; the trainer instead maps the
 chunk files directly. That is exact because `mm tokenize` writes the arrays
 with the v3 `bytes` codec (little-endian) and no compressor, and the default
 chunk-key encoding puts chunk i at `<array>/c/i`. `open_store` checks all of
-that, plus the format version, the dtype, every chunk file's size and the
-attributes' counts against the arrays, and raises a UserError naming the file.
+that, plus the format version, the dtype, every chunk file's size, the
+attributes' counts against the arrays and the attributes' checksum, and raises
+a UserError naming the file.
 
     store = open_store("data/tokens.zarr")
     store.train.tokens[a:b]      # np.ndarray of uint16/uint32
@@ -27,6 +28,7 @@ from pipeline.errors import UserError
 FORMAT_NAME = "mm-tokens"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+ATTRS_CHECKSUM = "attrs_sha256"
 
 
 class ChunkedTokens:
@@ -244,4 +246,18 @@ def open_store(path: str | Path) -> TokenStore:
     if vocab > np.iinfo(dtype).max + 1:
         raise UserError(f"{meta_path}: vocab_size {vocab} does not fit dtype {dtype.name}")
     splits = {name: _open_split(root, name, dtype, counts) for name in SPLITS}
+    # Last, so the specific checks above name what is wrong when they can.
+    if ATTRS_CHECKSUM in attrs and attrs[ATTRS_CHECKSUM] != attrs_checksum(attrs):
+        raise UserError(f"{meta_path}: attributes altered since `mm tokenize` wrote them "
+                        f"({ATTRS_CHECKSUM} mismatch; re-run `mm tokenize`)")
     return TokenStore(path=root, attrs=attrs, **splits)
+
+
+def attrs_checksum(attrs: dict) -> str:
+    """sha256 of the group attributes (all but the checksum itself) as canonical JSON.
+
+    `mm tokenize` stores it as attrs["attrs_sha256"]; open_store refuses a store whose
+    attributes no longer match (a hand edit, a half-copied zarr.json). Stores written
+    before the checksum existed have none and are not checked."""
+    rest = {k: v for k, v in attrs.items() if k != ATTRS_CHECKSUM}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
