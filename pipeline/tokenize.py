@@ -29,10 +29,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import math
 import os
 import shutil
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -362,7 +360,6 @@ def tokenize_files(
         sources = []
         total_lines = 0
         total_size = sum(p.stat().st_size for p in inputs)
-        done_size = 0
         n_tokens = 0
 
         def consume(res: dict, path: Path) -> None:
@@ -386,10 +383,9 @@ def tokenize_files(
         pool = None
         if workers > 1:
             import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
 
-            pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                                       initializer=_init_worker, initargs=init)
+            # spawn, not fork: the parent holds a tokenizer and rich's refresh thread.
+            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=init)
         else:
             _init_worker(*init)
         try:
@@ -416,22 +412,25 @@ def tokenize_files(
                             consume(_encode((line_no, data)), path)
                             advance(delta)
                             continue
-                        pending.append((pool.submit(_encode, (line_no, data)), delta))
+                        pending.append((pool.apply_async(_encode, ((line_no, data),)), delta))
                         while len(pending) > 2 * workers:  # bounded in flight: memory stays flat
-                            fut, d = pending.popleft()
-                            consume(fut.result(), path)
+                            res, d = pending.popleft()
+                            consume(res.get(), path)
                             advance(d)
                     while pending:
-                        fut, d = pending.popleft()
-                        consume(fut.result(), path)
+                        res, d = pending.popleft()
+                        consume(res.get(), path)
                         advance(d)
                     advance(reader.pos - last_pos)
-                    done_size += reader.pos
                     sources.append({"name": path.name, "size": reader.pos, "sha256": reader.sha.hexdigest(),
                                     "lines": total_lines - file_lines_before})
+            if pool is not None:
+                pool.close()
+                pool.join()
         finally:
             if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+                pool.terminate()  # an error or Ctrl-C: do not wait for batches in flight
+                pool.join()
 
         shapes = {}
         for name, sp in splits.items():
@@ -461,6 +460,9 @@ def tokenize_files(
             },
             "rejected": rejects.as_attrs(),
         }
+        from pipeline.token_store import ATTRS_CHECKSUM, attrs_checksum
+
+        attrs[ATTRS_CHECKSUM] = attrs_checksum(attrs)  # open_store refuses altered attributes
         store = work / "store"
         _write_metadata(store, attrs, dtype, shapes)
         for name in ("train", "val"):
