@@ -323,6 +323,7 @@ def tokenize_files(
     `workers` processes encode in parallel (1 = encode in this process); the output
     is byte-identical for any value. `chunk_tokens` and `batch_bytes` exist for tests.
     """
+    from pipeline.token_store import ATTRS_CHECKSUM, attrs_checksum
     from pipeline.tokenizer_train import load_tokenizer
 
     inputs = [Path(p) for p in inputs]
@@ -460,6 +461,7 @@ def tokenize_files(
             },
             "rejected": rejects.as_attrs(),
         }
+        attrs[ATTRS_CHECKSUM] = attrs_checksum(attrs)  # open_store refuses hand-edited attributes
         from pipeline.token_store import ATTRS_CHECKSUM, attrs_checksum
 
         attrs[ATTRS_CHECKSUM] = attrs_checksum(attrs)  # open_store refuses altered attributes

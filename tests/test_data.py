@@ -429,6 +429,13 @@ def test_corrupt_stores_are_refused_naming_the_file(tiny_store, tmp_path):
     with pytest.raises(UserError, match=r"attrs.zarr/zarr.json: attributes say train"):
         open_store(p)
 
+    p = _corrupt(tiny_store, tmp_path, "edited.zarr")  # counts still consistent: the checksum catches it
+    meta = json.loads((p / "zarr.json").read_text())
+    meta["attributes"]["tokenizer"]["fingerprint"] = "0" * 64
+    (p / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"edited.zarr/zarr.json: attributes altered"):
+        open_store(p)
+
     p = _corrupt(tiny_store, tmp_path, "version.zarr")
     meta = json.loads((p / "zarr.json").read_text())
     meta["attributes"]["version"] = 99
