@@ -85,9 +85,11 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 def apply_rope(x, cos, sin):
     """x: (B, H, T, hd); cos, sin: (T, hd). Rotates pairs (i, i + hd/2)."""
+    # In x's dtype, as HF does: mixing bf16 and fp32 here costs ~50x on the CPU.
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).type_as(x)
+    return x * cos + rotated * sin
 
 
 class KVCache:
@@ -137,10 +139,9 @@ class Attention(nn.Module):
             causal = False
             mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
 
-        if self.n_kv_heads != self.n_heads:  # grouped-query attention: share each KV head
-            repeat = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, hd)
+        # Grouped-query attention: each KV head serves n_heads / n_kv_heads query heads.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
