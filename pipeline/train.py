@@ -32,6 +32,7 @@ from pipeline.errors import UserError
 from pipeline.hardware import peak_flops, pick_device, resolve_dtype
 from pipeline.model import Transformer
 from pipeline.params import Params, TrainParams
+from pipeline.plots import write_loss_png
 from pipeline.progress import TRAIN_COLUMNS, VAL_COLUMNS, Display, MetricLog, write_metrics
 from pipeline.sampler import WindowSampler, eval_windows
 from pipeline.token_store import open_store
@@ -252,6 +253,7 @@ def _train(tp: TrainParams, store_path, tokenizer_dir, model_path, resume, allow
         write_metrics(out_dir / "metrics.json", metrics)
         train_log.close()
         val_log.close()
+        write_loss_png(out_dir)
     return metrics
 
 
