@@ -53,7 +53,8 @@ def init_world(device_type: str) -> World:
         return World()
     world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
     if world.distributed:
-        backend = "nccl" if device_type == "cuda" else "gloo"
+        # CUDA tensors go through NCCL; the loop's small CPU tensors (loss, stop flag) through gloo.
+        backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
     return world
 
@@ -67,6 +68,18 @@ def all_reduce_sum(values: torch.Tensor, world: World) -> torch.Tensor:
     if world.distributed:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def check_same(value: int, world: World, what: str) -> None:
+    """Raise UserError on every rank unless all ranks hold the same `value`."""
+    if not world.distributed:
+        return
+    from pipeline.errors import UserError
+
+    bounds = torch.tensor([value, -value], dtype=torch.float64)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+    if bounds[0].item() != -bounds[1].item():
+        raise UserError(f"ranks disagree on {what}: rank {world.rank} has {value}, others from {-bounds[1].item():g} to {bounds[0].item():g}")
 
 
 def launcher_command(
@@ -103,7 +116,35 @@ def wrap_model(model: torch.nn.Module, world: World, strategy: str, device: torc
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # MoE: an expert that no token chose has no gradient this step; DDP must be told to expect that.
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused)
+    ddp.grad_sync_counter = GradSyncCounter()
+    ddp.register_comm_hook(None, ddp.grad_sync_counter.hook)
+    return ddp
+
+
+class GradSyncCounter:
+    """DDP communication hook: torch's default all-reduce, counted.
+
+    The loop compares `reductions` before and after each backward, so train_log's
+    `grad_syncs` column says how many micro-steps of an optimizer step all-reduced
+    gradients: 1 when no_sync works (only the last micro-step), accumulation_steps
+    if it did not. DDP may split the gradients into several buckets; each bucket
+    is one call here, so the loop counts backwards that communicated, not buckets.
+    """
+
+    def __init__(self):
+        self.reductions = 0
+
+    def hook(self, _state, bucket):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        self.reductions += 1
+        return allreduce_hook(None, bucket)  # None: the default process group, mean over ranks
+
+
+def grad_sync_counter(model: torch.nn.Module) -> GradSyncCounter | None:
+    """The DDP wrapper's counter; None for one process (nothing to sync) or FSDP (not counted)."""
+    return getattr(model, "grad_sync_counter", None)
 
 
 def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:

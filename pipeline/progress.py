@@ -1,7 +1,9 @@
 """What rank 0 shows and records while training: a live bar or log lines, and metric files.
 
 Files in the output directory (DVC reads them: see dvc.yaml):
-  train_log.tsv   one row per optimizer step: step, loss, lr, grad_norm, tokens, tokens_per_s, skipped
+  train_log.tsv   one row per optimizer step: step, loss, lr, grad_norm, tokens, tokens_per_s, skipped,
+                  grad_syncs (micro-steps that all-reduced gradients: 1 under DDP, 0 on one
+                  process, nan under FSDP where it is not counted)
   val_log.tsv     one row per evaluation: step, val_loss
   metrics.json    the final figures (`dvc metrics show`)
 On resume the logs are cut back to the resumed step, so they always describe
@@ -16,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-TRAIN_COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "skipped"]
+TRAIN_COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "skipped", "grad_syncs"]
 VAL_COLUMNS = ["step", "val_loss"]
 
 

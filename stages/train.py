@@ -97,9 +97,9 @@ def _run_launcher(cmd: list[str]) -> int:
     if forwarded and code != 0:
         return PREEMPTED_EXIT_CODE if signal.SIGINT not in forwarded else 130
     if code != 0:
-        print(f"error: distributed training failed (launcher exit code {code}); the report above names the failing rank",
-              file=sys.stderr)
-        return 1 if code > 0 else 1
+        print(f"error: distributed training failed (torchrun exit code {code}); torchrun's report above names the failing "
+              "rank under 'Root Cause'; `--resume auto` continues from the last checkpoint", file=sys.stderr)
+        return 1
     return 0
 
 
