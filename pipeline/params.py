@@ -57,6 +57,9 @@ class TrainParams:
     """Token budget (used when max_steps is 0): steps = ceil(max_tokens / tokens per step)."""
     epochs: float = 0.0
     """Passes over the training split (used when max_steps and max_tokens are 0)."""
+    stop_after: int = 0
+    """Stop this invocation after this many steps, with a checkpoint, and exit 0; the LR
+    schedule still spans the full run, and `--resume auto` continues it. 0 = run to the end."""
     lr: float = 3e-3
     """Peak learning rate, reached at the end of warmup."""
     min_lr: float = 3e-4
@@ -179,6 +182,12 @@ def _coerce(value, annotation, name: str, source: str):
     expected = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}[str(annotation)]
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if expected is float and isinstance(value, str):
+        # YAML 1.1 reads 3e-4 (no dot) as a string; a user means the number.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if expected is dict and value is None:
