@@ -107,7 +107,12 @@ def _load_export_dir(path: Path):
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise UserError(f"{weights_path}: weights do not fit config.json ({str(e).splitlines()[-1].strip()[:200]})") from None
-    return model, tok_path.read_text(encoding="utf-8"), {}
+    import hashlib
+
+    raw = tok_path.read_bytes()
+    # Same fingerprint as the token store's (sha256 of tokenizer.json): export copies the file verbatim.
+    meta = {"data": {"tokenizer_sha256": hashlib.sha256(raw).hexdigest()}}
+    return model, raw.decode("utf-8"), meta
 
 
 # ---------------------------------------------------------------------------
