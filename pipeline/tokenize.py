@@ -462,9 +462,6 @@ def tokenize_files(
             "rejected": rejects.as_attrs(),
         }
         attrs[ATTRS_CHECKSUM] = attrs_checksum(attrs)  # open_store refuses hand-edited attributes
-        from pipeline.token_store import ATTRS_CHECKSUM, attrs_checksum
-
-        attrs[ATTRS_CHECKSUM] = attrs_checksum(attrs)  # open_store refuses altered attributes
         store = work / "store"
         _write_metadata(store, attrs, dtype, shapes)
         for name in ("train", "val"):
