@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,12 +31,16 @@ class MetricLog:
         kept = []
         if keep_until_step > 0 and path.exists():
             for line in path.read_text().splitlines()[1:]:
-                if line and int(line.split("\t", 1)[0]) <= keep_until_step:
+                # A kill -9 can leave a partial last row: keep only whole rows.
+                fields = line.split("\t")
+                if len(fields) == len(columns) and fields[0].isdigit() and int(fields[0]) <= keep_until_step:
                     kept.append(line)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "w")
-        self.file.write("\t".join(columns) + "\n" + "".join(line + "\n" for line in kept))
-        self.file.flush()
+        # Rewrite through a rename, so a kill while cutting back never loses the kept rows.
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("\t".join(columns) + "\n" + "".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        self.file = open(path, "a")
 
     def write(self, **row) -> None:
         self.file.write("\t".join(_fmt(row[c]) for c in self.columns) + "\n")
