@@ -86,29 +86,80 @@ def work(tmp_path_factory, tiny_store) -> tuple[Path, Path]:
     return root, model
 
 
+def run_together(cmds: dict[str, list[str]], timeout: float = 300) -> dict[str, subprocess.CompletedProcess]:
+    """Start every command at once (independent runs overlap on the CPUs), then wait for all."""
+    procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+             for k, c in cmds.items()}
+    done = {}
+    try:
+        for k, p in procs.items():
+            out, err = p.communicate(timeout=timeout)
+            done[k] = subprocess.CompletedProcess(cmds[k], p.returncode, out, err)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    for k, d in done.items():
+        assert d.returncode == 0, f"{k}: {d.args}\nexit {d.returncode}\n{d.stderr[-4000:]}"
+    return done
+
+
 @pytest.fixture(scope="module")
-def reference(work, tiny_store) -> Path:
-    """One process, accumulation 8: the curve every distributed run must reproduce."""
+def runs(work, tiny_store) -> dict[str, Path]:
+    """The uninterrupted runs, started together:
+
+    ref    one process, accumulation 8: the curve every distributed run must reproduce
+    ddp2   two processes (DDP), accumulation 4
+    fsdp2  two processes (FSDP2), accumulation 4
+    node0, node1  two one-process "nodes" (two `mm train` commands) that form one job;
+           node 1 gets its own out_dir to show that a rank > 0 writes nothing
+    """
     root, model = work
-    out = root / "ref"
-    run(train_cmd(tiny_store, model, out, "accumulation_steps=8"))
+    out = {k: root / k for k in ("ref", "ddp2", "fsdp2", "node0", "node1")}
+    port = free_port()
+    node = lambda r: ["--nodes", "2", "--node-rank", str(r), "--master-addr", "127.0.0.1",  # noqa: E731
+                      "--master-port", str(port), "--procs", "1"]
+    run_together({
+        "ref": train_cmd(tiny_store, model, out["ref"], "accumulation_steps=8"),
+        "ddp2": train_cmd(tiny_store, model, out["ddp2"], "accumulation_steps=4", procs=2),
+        "fsdp2": train_cmd(tiny_store, model, out["fsdp2"], "accumulation_steps=4", "parallel=fsdp", procs=2),
+        **{f"node{r}": train_cmd(tiny_store, model, out[f"node{r}"], "accumulation_steps=4", extra=node(r))
+           for r in (0, 1)},
+    })
     return out
 
 
 @pytest.fixture(scope="module")
-def ddp2(work, tiny_store) -> Path:
-    root, model = work
-    out = root / "ddp2"
-    run(train_cmd(tiny_store, model, out, "accumulation_steps=4", procs=2))
-    return out
+def reference(runs) -> Path:
+    return runs["ref"]
 
 
 @pytest.fixture(scope="module")
-def fsdp2(work, tiny_store) -> Path:
+def ddp2(runs) -> Path:
+    return runs["ddp2"]
+
+
+@pytest.fixture(scope="module")
+def fsdp2(runs) -> Path:
+    return runs["fsdp2"]
+
+
+@pytest.fixture(scope="module")
+def resumed(work, tiny_store, runs) -> dict[str, tuple[Path, str]]:
+    """Step-4 checkpoints continued to the end with another process count or strategy, started together."""
     root, model = work
-    out = root / "fsdp2"
-    run(train_cmd(tiny_store, model, out, "accumulation_steps=4", "parallel=fsdp", procs=2))
-    return out
+    plans = {  # name: (checkpoint, accumulation, procs)
+        "2to1": (runs["ddp2"], 8, 0),
+        "1to2": (runs["ref"], 4, 2),
+        "fsdp_to1": (runs["fsdp2"], 8, 0),
+    }
+    outs = {k: root / f"resume_{k}" for k in plans}
+    done = run_together({
+        k: train_cmd(tiny_store, model, outs[k], f"accumulation_steps={acc}", procs=procs,
+                     resume=str(src / "step_00000004.pth"))
+        for k, (src, acc, procs) in plans.items()
+    })
+    return {k: (outs[k], done[k].stderr) for k in plans}
 
 
 # ---------------------------------------------------------------------------
@@ -136,24 +187,11 @@ def test_one_gradient_allreduce_per_optimizer_step(reference, ddp2):
 # ---------------------------------------------------------------------------
 
 
-def test_two_nodes_train_together(work, tiny_store, reference):
-    root, model = work
-    port = free_port()
-    outs = [root / "node0", root / "node1"]  # node 1 gets its own out_dir to show that rank > 0 writes nothing
-    procs = [
-        subprocess.Popen(
-            train_cmd(tiny_store, model, outs[r], "accumulation_steps=4",
-                      extra=["--nodes", "2", "--node-rank", str(r), "--master-addr", "127.0.0.1",
-                             "--master-port", str(port), "--procs", "1"]),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-        for r in (0, 1)
-    ]
-    results = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, err[-4000:]
-    assert_same_curve(losses(outs[0]), losses(reference), range(1, STEPS + 1))
-    assert '"processes": 2' in (outs[0] / "metrics.json").read_text()
-    assert not outs[1].exists(), f"node 1 wrote {list(outs[1].iterdir())}"
+def test_two_nodes_train_together(runs):
+    # Two `mm train --nodes 2 --node-rank 0|1 --procs 1` commands, master on 127.0.0.1.
+    assert_same_curve(losses(runs["node0"]), losses(runs["ref"]), range(1, STEPS + 1))
+    assert '"processes": 2' in (runs["node0"] / "metrics.json").read_text()
+    assert not runs["node1"].exists(), f"node 1 wrote {list(runs['node1'].iterdir())}"
 
 
 # ---------------------------------------------------------------------------
@@ -161,20 +199,15 @@ def test_two_nodes_train_together(work, tiny_store, reference):
 # ---------------------------------------------------------------------------
 
 
-def test_checkpoint_from_two_processes_resumes_in_one(work, tiny_store, reference, ddp2):
-    root, model = work
-    out = root / "resume_2to1"
-    done = run(train_cmd(tiny_store, model, out, "accumulation_steps=8", resume=str(ddp2 / "step_00000004.pth")))
-    assert "at step 4" in done.stderr
+def test_checkpoint_from_two_processes_resumes_in_one(resumed, reference):
+    out, err = resumed["2to1"]
+    assert "at step 4" in err
     assert_same_curve(losses(out), losses(reference), range(5, STEPS + 1))
 
 
-def test_checkpoint_from_one_process_resumes_in_two(work, tiny_store, reference):
-    root, model = work
-    out = root / "resume_1to2"
-    done = run(train_cmd(tiny_store, model, out, "accumulation_steps=4", procs=2,
-                         resume=str(reference / "step_00000004.pth")))
-    assert "at step 4" in done.stderr
+def test_checkpoint_from_one_process_resumes_in_two(resumed, reference):
+    out, err = resumed["1to2"]
+    assert "at step 4" in err
     assert_same_curve(losses(out), losses(reference), range(5, STEPS + 1))
     assert [r["grad_syncs"] for r in read_log(out / "train_log.tsv")] == [1.0] * (STEPS - 4)
 
@@ -183,11 +216,9 @@ def test_fsdp_matches_ddp(ddp2, fsdp2):
     assert_same_curve(losses(fsdp2), losses(ddp2), range(1, STEPS + 1))
 
 
-def test_fsdp_checkpoint_loads_in_one_process(work, tiny_store, reference, ddp2, fsdp2):
-    root, model = work
-    out = root / "resume_fsdp_to1"
-    done = run(train_cmd(tiny_store, model, out, "accumulation_steps=8", resume=str(fsdp2 / "step_00000004.pth")))
-    assert "at step 4" in done.stderr
+def test_fsdp_checkpoint_loads_in_one_process(resumed, reference, ddp2, fsdp2):
+    out, err = resumed["fsdp_to1"]
+    assert "at step 4" in err
     assert_same_curve(losses(out), losses(reference), range(5, STEPS + 1))
 
     # The FSDP checkpoint holds full, unsharded, plainly named tensors: the plain model loads it
