@@ -1,0 +1,552 @@
+"""Reliability: nothing is lost under kill -9, preemption, full disks, corrupt files and hostile checkpoints.
+
+Every test runs the real `mm` CLI in subprocesses (real torchrun for the
+two-process case) on the session's tiny store, with a 64-dim, 2-layer model,
+seq_len 32, fp32, so "identical" means bit-identical: losses are compared as the
+exact floats train_log.tsv records, weights with torch.equal.
+
+Fault injection (documented in docs/training.md, "Reliability"):
+  MM_INJECT_NAN_STEPS=3        poison step 3's loss (pipeline/train.py)
+  MM_INJECT_SAVE_FAULT=8:kill  SIGKILL inside the save of step 8, after the tmp file is
+                               complete and before the rename (pipeline/checkpoint.py)
+  MM_INJECT_SAVE_FAULT=4:enospc  the save of step 4 fails with ENOSPC after 64 KiB
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 12
+RUN = [  # everything that shapes the numbers; save/keep/log settings do not
+    "train.seq_len=32", "train.micro_batch_size=4", f"train.max_steps={STEPS}", "train.dtype=fp32",
+    "train.warmup_steps=2", "train.eval_interval=4", "train.eval_batches=2", "train.log_interval=1",
+    "train.save_interval=2", "train.keep_last=3",
+]
+STEP_LINE = re.compile(r"^step (\d+)/\d+ ")
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MM_INJECT_")}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+def train_cmd(setup, out: Path, *extra: str, sets=(), model=None, data=None, tokenizer=None) -> list[str]:
+    cmd = [sys.executable, "-m", "stages.cli", "train", "--device", "cpu",
+           "--data", str(data or setup.store), "--tokenizer", str(tokenizer or setup.tokenizer),
+           "--model", str(model or setup.model)]
+    for s in [*RUN, f"train.out_dir={out}", *sets]:
+        cmd += ["--set", s]
+    return cmd + list(extra)
+
+
+def mm_train(setup, out: Path, *extra: str, sets=(), env=None, **paths) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(setup, out, *extra, sets=sets, **paths), cwd=setup.cwd, env=env or _env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def mm(*args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+    return r
+
+
+def user_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 1 with one `error:` line (no traceback) that contains every needle."""
+    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+    return errors[0]
+
+
+def log_rows(path: Path) -> list[dict]:
+    """train_log.tsv rows as exact strings, minus the wall-clock column."""
+    lines = path.read_text().splitlines()
+    header = lines[0].split("\t")
+    return [{k: v for k, v in zip(header, line.split("\t")) if k != "tokens_per_s"} for line in lines[1:] if line]
+
+
+def load(path: Path) -> dict:
+    from pipeline.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    _assert_equal_nested(a["optimizer"], b["optimizer"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+def _assert_equal_nested(x, y, where="optimizer") -> None:
+    if isinstance(x, torch.Tensor):
+        assert torch.equal(x, y), where
+    elif isinstance(x, dict):
+        assert x.keys() == y.keys(), where
+        for k in x:
+            _assert_equal_nested(x[k], y[k], f"{where}.{k}")
+    elif isinstance(x, (list, tuple)):
+        assert len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y)):
+            _assert_equal_nested(u, v, f"{where}[{i}]")
+    else:
+        assert x == y, where
+
+
+def assert_matches_reference(out: Path, ref: Path) -> None:
+    """Same per-step rows (loss, lr, grad_norm, tokens, skipped), val losses and final state."""
+    assert log_rows(out / "train_log.tsv") == log_rows(ref / "train_log.tsv")
+    assert (out / "val_log.tsv").read_text() == (ref / "val_log.tsv").read_text()
+    assert_same_state(load(out / "ckpt.pth"), load(ref / "ckpt.pth"))
+
+
+def step_files(out: Path) -> list[int]:
+    return sorted(int(p.name[5:13]) for p in out.glob("step_*.pth"))
+
+
+def tmp_files(out: Path) -> list[str]:
+    return sorted(p.name for p in out.glob(".*tmp*"))
+
+
+def all_finite(obj) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    if isinstance(obj, dict):
+        return all(all_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(all_finite(v) for v in obj)
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------
+# Fixtures: the model config and one uninterrupted reference run
+# ---------------------------------------------------------------------------
+
+
+class Setup:
+    def __init__(self, cwd: Path, data):
+        self.cwd, self.store, self.tokenizer = cwd, data.store, data.tokenizer
+        self.corpus = data.corpus
+        self.model = cwd / "model.json"
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_store, tmp_path_factory) -> Setup:
+    cwd = tmp_path_factory.mktemp("reliability")
+    s = Setup(cwd, tiny_store)
+    ok(mm("config", "--tokenizer", s.tokenizer, "--out", s.model, "--set", "model.dim=64", "--set", "model.n_layers=2",
+          cwd=cwd))
+    return s
+
+
+@pytest.fixture(scope="module")
+def reference(setup) -> Path:
+    """12 uninterrupted steps, checkpoints every 2, the last 3 kept."""
+    out = setup.cwd / "reference"
+    ok(mm_train(setup, out))
+    assert step_files(out) == [8, 10, 12]
+    assert os.path.samefile(out / "ckpt.pth", out / "step_00000012.pth")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# 1. kill -9 at random moments, including inside a checkpoint write
+# ---------------------------------------------------------------------------
+
+
+def test_kill9_at_random_moments_then_resume_is_identical(setup, reference, tmp_path):
+    out = tmp_path / "out"
+    rng = random.Random(20240605)
+    last_step = 0
+    for _ in range(2):
+        # Kill after a seeded-random number of step lines plus a seeded-random delay: the
+        # kill lands mid-step, mid-evaluation or mid-save, wherever the run happens to be.
+        proc = subprocess.Popen(train_cmd(setup, out), cwd=setup.cwd, env=_env(),
+                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        want_lines, seen = rng.randint(3, 4), 0  # >= 3 lines: the step-2 save of a fresh run is done
+        for line in proc.stderr:
+            m = STEP_LINE.match(line)
+            if m:
+                seen, last_step = seen + 1, int(m.group(1))
+                if seen == want_lines:
+                    time.sleep(rng.uniform(0.0, 0.3))
+                    proc.send_signal(signal.SIGKILL)
+                    break
+        proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, proc.returncode
+        assert last_step < STEPS
+
+    # Now a kill inside save_checkpoint, between the complete tmp file and the rename.
+    from pipeline.checkpoint import find_resumable
+
+    resumable = find_resumable(out)["step"]
+    fault_step = resumable + 2
+    assert fault_step <= STEPS
+    r = mm_train(setup, out, env=_env(MM_INJECT_SAVE_FAULT=f"{fault_step}:kill"))
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
+    assert any(name.startswith(f".step_{fault_step:08d}.pth.tmp-") for name in tmp_files(out)), tmp_files(out)
+    assert max(step_files(out)) == fault_step - 2  # the rename never happened
+    assert find_resumable(out)["step"] == fault_step - 2
+
+    r = ok(mm_train(setup, out))
+    assert f"resuming from {out / f'step_{fault_step - 2:08d}.pth'} at step {fault_step - 2}" in r.stderr, r.stderr
+    assert "skipping checkpoint" not in r.stderr
+    assert_matches_reference(out, reference)
+    assert tmp_files(out) == []  # the killed writer's tmp file was cleaned up
+    assert step_files(out) == [8, 10, 12]  # retention: the last 3
+
+
+# ---------------------------------------------------------------------------
+# 2. SIGTERM to a two-process CPU run
+# ---------------------------------------------------------------------------
+
+
+def test_sigterm_two_processes_stop_at_one_step_and_resume_identically(setup, tmp_path):
+    sets = ["train.max_steps=8", "train.eval_interval=0"]
+
+    def launch(out: Path) -> list[str]:
+        return train_cmd(setup, out, "--procs", "2", "--master-port", str(free_port()), sets=sets)
+
+    ref = tmp_path / "ref"
+    ok(subprocess.run(launch(ref), cwd=setup.cwd, env=_env(), capture_output=True, text=True, timeout=600))
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(launch(out), cwd=setup.cwd, env=_env(), stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if STEP_LINE.match(line) and int(STEP_LINE.match(line).group(1)) >= 3:
+            proc.send_signal(signal.SIGTERM)  # the `mm` parent forwards it to torchrun's process group
+            break
+    rest = proc.communicate(timeout=120)[1]
+    stderr = "".join(lines) + rest
+    assert proc.returncode == 75, (proc.returncode, stderr[-3000:])
+    stopped = {int(r): int(s) for r, s in re.findall(r"rank (\d+): stopped after step (\d+)", stderr)}
+    assert sorted(stopped) == [0, 1], stderr[-3000:]
+    step = stopped[0]
+    assert stopped[1] == step and 3 <= step < 8
+    assert f"stop requested: saved step {step}" in stderr
+    assert load(out / "ckpt.pth")["step"] == step
+    assert int(log_rows(out / "train_log.tsv")[-1]["step"]) == step
+
+    r = subprocess.run(launch(out), cwd=setup.cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert f"at step {step}" in ok(r).stderr
+    assert log_rows(out / "train_log.tsv") == log_rows(ref / "train_log.tsv")
+    assert_same_state(load(out / "ckpt.pth"), load(ref / "ckpt.pth"))
+
+
+# ---------------------------------------------------------------------------
+# 3. A truncated newest checkpoint is skipped, the previous one is used
+# ---------------------------------------------------------------------------
+
+
+def test_truncated_newest_checkpoint_is_skipped(setup, reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    (out / "ckpt.pth").unlink()  # as mm writes it: ckpt.pth is a hard link to the newest step file
+    os.link(out / "step_00000012.pth", out / "ckpt.pth")
+    size = (out / "ckpt.pth").stat().st_size
+    os.truncate(out / "ckpt.pth", size // 2)  # truncates step_00000012.pth too: one file
+    assert (out / "step_00000012.pth").stat().st_size == size // 2
+
+    r = ok(mm_train(setup, out))
+    skipped = [line for line in r.stderr.splitlines() if line.startswith("skipping checkpoint")]
+    assert len(skipped) == 1 and "step_00000012.pth" in skipped[0] and "not a loadable" in skipped[0], r.stderr
+    assert f"resuming from {out / 'step_00000010.pth'} at step 10" in r.stderr
+    assert_matches_reference(out, reference)  # steps 11-12 rerun to the same numbers
+    assert (out / "step_00000012.pth").stat().st_size == size  # rewritten whole
+
+    # A flipped byte inside the tensor data (same size) fails the checksum or the zip check.
+    from pipeline.checkpoint import load_checkpoint
+
+    bad = tmp_path / "flipped.pth"
+    shutil.copyfile(reference / "step_00000010.pth", bad)
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"flipped\.pth: (checksum mismatch|not a loadable)"):
+        load_checkpoint(bad)
+
+
+# ---------------------------------------------------------------------------
+# 4. A full disk during a save
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_fs(tmp_path, reference):
+    """A tmpfs that holds one checkpoint but not two (needs root; skipped where mount is refused)."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    size = int((reference / "ckpt.pth").stat().st_size * 1.5) // 4096 * 4096
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here; the injected ENOSPC case covers the path")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("how", ["injected", "tmpfs"])
+def test_full_disk_during_save_keeps_previous_checkpoint(setup, how, request, tmp_path):
+    if how == "tmpfs":
+        out, env = request.getfixturevalue("tiny_fs") / "out", _env()
+    else:
+        out, env = tmp_path / "out", _env(MM_INJECT_SAVE_FAULT="4:enospc")
+    r = mm_train(setup, out, sets=["train.keep_last=1", "train.eval_interval=0"], env=env)
+    user_error(r, f"{out / 'step_00000004.pth'}: saving the checkpoint failed (No space left on device)",
+               "the previous checkpoint is intact")
+    assert step_files(out) == [2] and tmp_files(out) == []
+    state = load(out / "ckpt.pth")
+    assert state["step"] == 2 and os.path.samefile(out / "ckpt.pth", out / "step_00000002.pth")
+    assert not (out / "metrics.json").exists()  # it stopped, it did not carry on without checkpoints
+
+
+# ---------------------------------------------------------------------------
+# 5. Non-finite loss: skip and count, or abort; never saved
+# ---------------------------------------------------------------------------
+
+
+def test_nan_loss_is_skipped_and_counted(setup, tmp_path):
+    out = tmp_path / "out"
+    sets = ["train.max_steps=5", "train.save_interval=1", "train.keep_last=10", "train.eval_interval=0"]
+    r = ok(mm_train(setup, out, sets=sets, env=_env(MM_INJECT_NAN_STEPS="3")))
+    assert "step 3: non-finite loss (nan)" in r.stderr
+    rows = log_rows(out / "train_log.tsv")
+    assert [row["loss"] for row in rows][2] == "nan"
+    assert [int(row["skipped"]) for row in rows] == [0, 0, 1, 1, 1]
+    assert json.loads((out / "metrics.json").read_text())["skipped_steps"] == 1
+    states = {s: load(out / f"step_{s:08d}.pth") for s in step_files(out)}
+    assert sorted(states) == [1, 2, 3, 4, 5]
+    assert all(all_finite(st["model"]) and all_finite(st["optimizer"]) for st in states.values())
+    assert states[5]["metrics"]["skipped_steps"] == 1
+    # Skipped means skipped: step 3 left weights and optimizer state as step 2 had them.
+    for k in states[2]["model"]:
+        assert torch.equal(states[2]["model"][k], states[3]["model"][k])
+    _assert_equal_nested(states[2]["optimizer"], states[3]["optimizer"])
+    assert not all(torch.equal(states[3]["model"][k], states[4]["model"][k]) for k in states[3]["model"])
+
+
+def test_nan_loss_aborts_under_abort(setup, tmp_path):
+    out = tmp_path / "out"
+    sets = ["train.max_steps=5", "train.save_interval=1", "train.keep_last=10", "train.eval_interval=0",
+            "train.nonfinite=abort"]
+    r = mm_train(setup, out, sets=sets, env=_env(MM_INJECT_NAN_STEPS="3"))
+    user_error(r, "step 3: non-finite loss", "train.nonfinite=abort")
+    assert step_files(out) == [1, 2]
+    assert load(out / "ckpt.pth")["step"] == 2
+    assert all(all_finite(load(out / f"step_{s:08d}.pth")["model"]) for s in (1, 2))
+    assert not (out / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------------------
+# 6. A checkpoint crafted to run code is refused and the code never runs
+# ---------------------------------------------------------------------------
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _hostile(path: Path, marker: Path) -> Path:
+    torch.save({"format": "mm-checkpoint", "version": 1, "model": _Payload(marker)}, path)
+    return path
+
+
+def test_code_running_pickle_is_refused(setup, tmp_path):
+    from pipeline.checkpoint import find_resumable, load_checkpoint
+
+    # The payload is live: a plain (weights_only=False) load runs it.
+    live_marker = tmp_path / "ran-live"
+    live = _hostile(tmp_path / "live.pth", live_marker)
+    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(live)!r}, weights_only=False)"],
+                   capture_output=True, timeout=120)
+    assert live_marker.exists()
+
+    marker = tmp_path / "ran"
+    evil = _hostile(tmp_path / "evil.pth", marker)
+    user_error(mm_train(setup, tmp_path / "out", "--resume", str(evil)), f"{evil}: not a loadable mm checkpoint")
+    user_error(mm("export", evil, "--out", tmp_path / "export", cwd=setup.cwd), f"{evil}: not a loadable mm checkpoint")
+    with pytest.raises(UserError, match="not a loadable mm checkpoint"):
+        load_checkpoint(evil)
+    # As out/ckpt.pth, `--resume auto` skips it with a message.
+    auto = tmp_path / "auto"
+    auto.mkdir()
+    _hostile(auto / "ckpt.pth", marker)
+    warnings = []
+    assert find_resumable(auto, warnings.append) is None
+    assert len(warnings) == 1 and "ckpt.pth: not a loadable mm checkpoint" in warnings[0]
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------
+# 7. Changed model, tokenizer or data at resume
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_data(setup):
+    """A second tokenizer (trained on part of the corpus) with its store, and a smaller store
+    tokenized with the original tokenizer."""
+    from pipeline.tokenize import tokenize_files
+    from pipeline.tokenizer_train import train_tokenizer
+
+    root = setup.cwd / "other"
+    root.mkdir()
+    part = root / "part.jsonl"
+    with open(setup.corpus, encoding="utf-8") as f:
+        part.write_text("".join(line for _, line in zip(range(1500), f)), encoding="utf-8")
+    train_tokenizer([part], root / "tokenizer", vocab_size=1024)
+    tokenize_files([part], root / "tokenizer", root / "tok2.zarr", workers=1, val_fraction=0.05, progress=False)
+    tokenize_files([part], setup.tokenizer, root / "part.zarr", workers=1, val_fraction=0.05, progress=False)
+    return root
+
+
+def test_resume_refuses_changed_model_tokenizer_or_store(setup, reference, other_data, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    more = ["train.max_steps=14"]
+    wider = setup.cwd / "model96.json"
+    ok(mm("config", "--tokenizer", setup.tokenizer, "--out", wider, "--set", "model.dim=96", "--set", "model.n_layers=2",
+          cwd=setup.cwd))
+
+    # Hidden size and token store both changed: one line naming both fields.
+    line = user_error(mm_train(setup, out, sets=more, model=wider, data=other_data / "part.zarr"),
+                      f"{out / 'step_00000012.pth'}: cannot resume", "model.dim (64 → 96)", "store_fingerprint",
+                      "--allow-data-change")
+    assert "tokenizer_sha256" not in line
+
+    # Another tokenizer (and its store): refused even with --allow-data-change.
+    line = user_error(mm_train(setup, out, "--allow-data-change", sets=more, tokenizer=other_data / "tokenizer",
+                               data=other_data / "tok2.zarr"), "cannot resume", "tokenizer_sha256")
+    assert "store_fingerprint" not in line and "model." not in line
+
+    # A changed store alone: --allow-data-change lets it through, and training goes on.
+    r = ok(mm_train(setup, out, "--allow-data-change", sets=more, data=other_data / "part.zarr"))
+    assert "resuming from" in r.stderr and "at step 12" in r.stderr
+    assert [int(row["step"]) for row in log_rows(out / "train_log.tsv")] == list(range(1, 15))
+    assert load(out / "ckpt.pth")["step"] == 14
+    assert log_rows(out / "train_log.tsv")[:12] == log_rows(reference / "train_log.tsv")
+
+
+# ---------------------------------------------------------------------------
+# Token store corruption is caught when the store is opened, naming the file
+# ---------------------------------------------------------------------------
+
+
+def _edit_attrs(store: Path, fn) -> None:
+    meta = json.loads((store / "zarr.json").read_text())
+    fn(meta["attributes"])
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda s: os.truncate(s / "train/tokens/c/0", (s / "train/tokens/c/0").stat().st_size - 2),
+     "train/tokens/c/0: chunk file is"),
+    (lambda s: (s / "val/doc_offsets/c/0").unlink(), "val/doc_offsets/c/0: chunk file missing"),
+    (lambda s: _edit_attrs(s, lambda a: a["counts"]["train"].update(tokens=5)), "zarr.json: attributes say train"),
+    (lambda s: _edit_attrs(s, lambda a: a["tokenizer"].update(vocab_size=512)), "zarr.json: attributes altered"),
+    (lambda s: _edit_attrs(s, lambda a: a["sources"][0].update(sha256="0" * 64)), "zarr.json: attributes altered"),
+], ids=["truncated-chunk", "missing-chunk", "altered-counts", "altered-vocab", "altered-sources"])
+def test_store_corruption_detected_on_open(setup, tmp_path, damage, needle):
+    from pipeline.token_store import open_store
+
+    store = tmp_path / "tokens.zarr"
+    shutil.copytree(setup.store, store)
+    open_store(store)  # the copy itself is fine
+    damage(store)
+    with pytest.raises(UserError, match=re.escape(str(store / needle))):
+        open_store(store)
+
+
+def test_store_corruption_stops_mm_train(setup, tmp_path):
+    store = tmp_path / "tokens.zarr"
+    shutil.copytree(setup.store, store)
+    chunk = store / "train/tokens/c/0"
+    os.truncate(chunk, chunk.stat().st_size // 2)
+    user_error(mm_train(setup, tmp_path / "out", data=store), f"{chunk}: chunk file is")
+
+
+# ---------------------------------------------------------------------------
+# Retention
+# ---------------------------------------------------------------------------
+
+
+def _fake_state(step: int) -> dict:
+    from pipeline.checkpoint import CHECKPOINT_KEYS
+
+    state = {k: {} for k in CHECKPOINT_KEYS}
+    state.update(format="mm-checkpoint", version=1, step=step, model={"w": torch.full((4,), float(step))},
+                 scaler=None, rng={"torch": torch.get_rng_state()})
+    return state
+
+
+def test_retention_keeps_last_k_and_never_the_only_complete_one(tmp_path, monkeypatch):
+    from pipeline.checkpoint import find_resumable, save_checkpoint
+
+    out = tmp_path / "out"
+    for step in range(1, 6):
+        save_checkpoint(_fake_state(step), out, keep_last=2)
+    assert step_files(out) == [4, 5] and os.path.samefile(out / "ckpt.pth", out / "step_00000005.pth")
+
+    # The newest (5) is truncated: resume reports it once (ckpt.pth is the same file) and takes 4.
+    os.truncate(out / "ckpt.pth", 100)
+    warnings = []
+    assert find_resumable(out, warnings.append)["step"] == 4
+    assert len(warnings) == 1 and "step_00000005.pth" in warnings[0]
+    # keep_last=1: saving 5 again replaces the corrupt file and drops 4; a save of 3 (a run
+    # resumed from an older checkpoint) drops the abandoned 5 and keeps the file just written.
+    save_checkpoint(_fake_state(5), out, keep_last=1)
+    assert step_files(out) == [5]
+    save_checkpoint(_fake_state(3), out, keep_last=1)
+    assert step_files(out) == [3] and os.path.samefile(out / "ckpt.pth", out / "step_00000003.pth")
+    assert find_resumable(out, warnings.append)["step"] == 3 and len(warnings) == 1
+
+    # A failed save prunes nothing: the only complete checkpoint survives.
+    monkeypatch.setenv("MM_INJECT_SAVE_FAULT", "4:enospc")
+    with pytest.raises(UserError, match="No space left on device"):
+        save_checkpoint(_fake_state(4) | {"model": {"w": torch.zeros(1 << 16)}}, out, keep_last=1)
+    assert step_files(out) == [3] and tmp_files(out) == [] and find_resumable(out)["step"] == 3
