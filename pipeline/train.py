@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from pipeline import distributed
 from pipeline.architecture import flops_per_token, load_model_json
-from pipeline.checkpoint import find_resumable, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import LATEST, find_resumable, load_checkpoint, save_checkpoint, step_checkpoints
 from pipeline.errors import UserError
 from pipeline.hardware import peak_flops, pick_device, resolve_dtype
 from pipeline.model import Transformer
@@ -326,7 +326,14 @@ def pick_checkpoint(resume: str, out_dir: Path, warn) -> dict | None:
     if resume == "none":
         return None
     if resume == "auto":
-        return find_resumable(out_dir, warn) if out_dir.exists() else None
+        if not out_dir.exists():
+            return None
+        state = find_resumable(out_dir, warn)
+        if state is None and (step_checkpoints(out_dir) or (out_dir / LATEST).exists()):
+            # Never quietly start a long run over because its checkpoints are damaged.
+            raise UserError(f"{out_dir}: none of its checkpoints verifies (reasons above); move them away, "
+                            "or pass --resume none to start over")
+        return state
     state = load_checkpoint(resume)
     state["path"] = resume
     return state
