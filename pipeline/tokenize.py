@@ -13,7 +13,7 @@ How it runs:
   does not grow with the input and the output does not depend on the number
   of workers. Nothing in the output depends on batch boundaries either.
 - At the end the Zarr metadata (zarr.json for the group and each array) is
-  written with zarr-python and the finished store is renamed into place; an
+  written and the finished store is renamed into place; an
   interrupted run leaves only a hidden temporary directory that is removed.
 
 Chunk files are written directly: the arrays use the v3 `bytes` codec
@@ -46,8 +46,9 @@ CHUNK_TOKENS = 2**24
 """Tokens per chunk file (32 MiB of uint16): large, so the trainer maps few files."""
 OFFSET_CHUNK = 2**21
 """Entries per doc_offsets chunk (16 MiB of int64)."""
-BATCH_BYTES = 1 << 20
-"""Raw bytes of input per batch sent to a worker."""
+BATCH_BYTES = 1 << 18
+"""Raw bytes of input per batch sent to a worker: small enough that the last batch
+of a file (when the other workers are already idle) costs little."""
 FIRST_LINES_KEPT = 5
 """Line numbers remembered per rejection reason."""
 BOM = b"\xef\xbb\xbf"
@@ -158,10 +159,12 @@ def iter_blocks(path: Path, block_bytes: int = BATCH_BYTES):
 _W: dict = {}
 
 
-def _init_worker(tokenizer_json: str, text_field: str, val_fraction: float, bos: int, eos: int, dtype: str) -> None:
-    # One tokenizer thread per worker process: parallelism comes from processes.
-    os.environ["RAYON_NUM_THREADS"] = "1"
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+def _init_worker(tokenizer_json: str, text_field: str, val_fraction: float, bos: int, eos: int, dtype: str,
+                 single_thread: bool = True) -> None:
+    if single_thread:
+        # A worker process: one tokenizer thread each, parallelism comes from processes.
+        os.environ["RAYON_NUM_THREADS"] = "1"
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 
     _W.update(tok=Tokenizer.from_file(tokenizer_json), field=text_field, val=val_fraction,
@@ -260,6 +263,28 @@ class _ChunkWriter:
         if self.index == 1:
             return self.n, self.n  # one chunk holding exactly the data: no padding
         return self.n, self.chunk_len
+
+
+def _result(future, path: Path) -> dict:
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise RuntimeError(f"{path}: a tokenize worker process died (out of memory?)") from None
+
+
+def _abort(pool) -> None:
+    """Stop a ProcessPoolExecutor now, killing workers busy with batches in flight."""
+    if hasattr(pool, "terminate_workers"):  # Python 3.14+
+        pool.terminate_workers()
+        return
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.join()
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -384,11 +409,15 @@ def tokenize_files(
         pool = None
         if workers > 1:
             import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
 
-            # spawn, not fork: the parent holds a tokenizer and rich's refresh thread.
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=init)
-        else:
-            _init_worker(*init)
+            # spawn, not fork: the parent holds a tokenizer and rich's refresh thread. An
+            # executor (not mp.Pool) because a worker that dies fails the run instead of
+            # hanging it.
+            pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                       initializer=_init_worker, initargs=init)
+        else:  # in this process, leaving its environment (and the tokenizer's threads) alone
+            _init_worker(*init, single_thread=False)
         try:
             with _progress(progress, total_size) as bar:
                 task = bar.add_task("tokenize", total=total_size, tps="0")
@@ -413,25 +442,24 @@ def tokenize_files(
                             consume(_encode((line_no, data)), path)
                             advance(delta)
                             continue
-                        pending.append((pool.apply_async(_encode, ((line_no, data),)), delta))
+                        pending.append((pool.submit(_encode, (line_no, data)), delta))
                         while len(pending) > 2 * workers:  # bounded in flight: memory stays flat
                             res, d = pending.popleft()
-                            consume(res.get(), path)
+                            consume(_result(res, path), path)
                             advance(d)
                     while pending:
                         res, d = pending.popleft()
-                        consume(res.get(), path)
+                        consume(_result(res, path), path)
                         advance(d)
                     advance(reader.pos - last_pos)
                     sources.append({"name": path.name, "size": reader.pos, "sha256": reader.sha.hexdigest(),
                                     "lines": total_lines - file_lines_before})
             if pool is not None:
-                pool.close()
-                pool.join()
+                pool.shutdown(wait=True)
+                pool = None
         finally:
-            if pool is not None:
-                pool.terminate()  # an error or Ctrl-C: do not wait for batches in flight
-                pool.join()
+            if pool is not None:  # an error or Ctrl-C: do not wait for batches in flight
+                _abort(pool)
 
         shapes = {}
         for name, sp in splits.items():
@@ -477,19 +505,30 @@ def tokenize_files(
 
 
 def _write_metadata(store: Path, attrs: dict, dtype: str, shapes: dict) -> None:
-    """zarr.json for the group and every array, through zarr-python's public API."""
-    import zarr
+    """zarr.json for the group and every array, as the Zarr v3 spec defines them.
 
-    group = zarr.open_group(str(store), mode="w", zarr_format=3, attributes=attrs)
+    Written directly (the same documents zarr-python 3 writes for these arrays)
+    rather than through zarr-python, whose import alone costs a second or more
+    on every run; the tests read every store back with `zarr.open_group`.
+    """
+
+    def write(path: Path, meta: dict) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "zarr.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    write(store, {"attributes": attrs, "zarr_format": 3, "node_type": "group"})
     for name, arrays in shapes.items():
-        sub = group.create_group(name)
+        write(store / name, {"attributes": {}, "zarr_format": 3, "node_type": "group"})
         for arr, (length, chunk) in arrays.items():
-            sub.create_array(
-                arr,
-                shape=(length,),
-                chunks=(chunk,),
-                dtype=dtype if arr == "tokens" else "int64",
-                compressors=None,
-                filters=None,
-                fill_value=0,
-            )
+            write(store / name / arr, {
+                "shape": [length],
+                "data_type": dtype if arr == "tokens" else "int64",
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk]}},
+                "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+                "fill_value": 0,
+                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+                "attributes": {},
+                "zarr_format": 3,
+                "node_type": "array",
+                "storage_transformers": [],
+            })

@@ -333,6 +333,19 @@ def test_zarr_reads_what_memmap_reader_returns(tiny_store, tmp_path, chunk_token
         assert (t[offs[:-1]] == store.bos_id).all() and (t[offs[1:] - 1] == store.eos_id).all()
 
 
+def test_array_metadata_is_what_zarr_python_writes(tiny_store, tmp_path):
+    """mm writes zarr.json itself; it must match zarr-python's own for the same array."""
+    import zarr
+
+    for name in ("train/tokens", "val/doc_offsets"):
+        ours = json.loads((tiny_store.store / name / "zarr.json").read_text())
+        ref = zarr.create_array(str(tmp_path / name.replace("/", "_")), shape=tuple(ours["shape"]),
+                                chunks=tuple(ours["chunk_grid"]["configuration"]["chunk_shape"]),
+                                dtype=ours["data_type"], compressors=None, filters=None, fill_value=0)
+        theirs = json.loads((tmp_path / name.replace("/", "_") / "zarr.json").read_text())
+        assert ours == theirs, (ref, ours, theirs)
+
+
 def test_fingerprint_and_empty_val_split(tiny_store, tmp_path):
     import zarr
 
