@@ -41,6 +41,10 @@ def config_from_dict(values: dict, source: str) -> ModelConfig:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise UserError(f"{source}: model field '{key}' must be {kind.__name__}, got {value!r}")
         values[key] = value
+    # Before construction: ModelConfig derives head_dim and hidden_dim by dividing.
+    for name in ("dim", "n_heads"):
+        if name in values and values[name] <= 0:
+            raise UserError(f"{source}: model field '{name}' must be positive, got {values[name]}")
     config = ModelConfig(**values)
     _check(config, source)
     return config

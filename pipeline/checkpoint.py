@@ -36,7 +36,7 @@ STEP_FILE = re.compile(r"step_(\d+)\.pth$")
 #   step                 optimizer steps completed (= the data position, see DESIGN.md)
 #   model                fp32 state dict of pipeline.model.Transformer (HF-style names)
 #   optimizer, scaler    state dicts (scaler None unless fp16)
-#   rng                  torch CPU (and CUDA) RNG states
+#   rng                  torch CPU RNG state (nothing in training draws from CUDA's)
 #   model_config         dataclasses.asdict(ModelConfig)
 #   train_config         dataclasses.asdict(TrainParams)
 #   data                 tokenizer_sha256, store_fingerprint, vocab_size, seq_len, global_batch

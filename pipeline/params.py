@@ -152,7 +152,11 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
             raise UserError(f"--set {item!r}: expected section.key=value")
         section_name, _, key = key_path.partition(".")
         section = _section(params, section_name, "--set")
-        _assign(section, section_name, key, yaml.safe_load(text) if text else "", "--set")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            raise UserError(f"--set {item!r}: the value is not a valid YAML scalar") from None
+        _assign(section, section_name, key, value, "--set")
     return params
 
 

@@ -76,12 +76,13 @@ class Display:
         self.val_loss = float("nan")
         self.live = enabled and sys.stderr.isatty()
         if self.live:
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
                 TextColumn("step {task.completed}/{task.total}"), BarColumn(),
                 TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
-                transient=False,
+                transient=False, console=Console(stderr=True),  # stdout stays free for the user
             )
             self.task = self.bar.add_task("train", total=total_steps, completed=start_step, stats="")
             self.bar.start()

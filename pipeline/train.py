@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from pipeline import distributed
 from pipeline.architecture import flops_per_token, load_model_json
-from pipeline.checkpoint import LATEST, find_resumable, load_checkpoint, save_checkpoint, step_checkpoints
+from pipeline.checkpoint import FORMAT, LATEST, VERSION, find_resumable, load_checkpoint, save_checkpoint, step_checkpoints
 from pipeline.errors import UserError
 from pipeline.hardware import peak_flops, pick_device, resolve_dtype
 from pipeline.model import Transformer
@@ -102,9 +102,12 @@ def _train(tp: TrainParams, store_path, tokenizer_dir, model_path, resume, allow
     }
 
     # ------------------------------------------------------------------ resume
-    display = Display(total_steps, 0, tp.log_interval, enabled=world.is_main)
-    start_step, skipped, val_loss = 0, 0, float("nan")
-    checkpoint = pick_checkpoint(resume, out_dir, display.message)
+    def note(text: str) -> None:
+        if world.is_main:
+            print(text, file=sys.stderr, flush=True)
+
+    start_step, skipped, loss, val_loss = 0, 0, float("nan"), float("nan")
+    checkpoint = pick_checkpoint(resume, out_dir, note)
     if checkpoint is not None:
         check_compatible(checkpoint, model_config, fingerprints, allow_data_change)
         distributed.load_full_state(model, optimizer, checkpoint["model"], checkpoint["optimizer"], world)
@@ -113,12 +116,17 @@ def _train(tp: TrainParams, store_path, tokenizer_dir, model_path, resume, allow
         torch.set_rng_state(checkpoint["rng"]["torch"])
         start_step = checkpoint["step"]
         skipped = checkpoint["metrics"].get("skipped_steps", 0)
+        loss = checkpoint["metrics"].get("train_loss", loss)
         val_loss = checkpoint["metrics"].get("val_loss") or float("nan")
-        display.message(f"resuming from {checkpoint['path']} at step {start_step}")
+        note(f"resuming from {checkpoint['path']} at step {start_step}")
         del checkpoint
     # Every rank reads the checkpoint itself, so all must see the same one (a shared out_dir).
     distributed.check_same(start_step, world, f"the step to resume from (is {out_dir} on a filesystem every node shares?)")
-    display.start_step = start_step
+    if start_step >= total_steps:
+        note(f"nothing to do: {out_dir} already holds step {start_step} of {total_steps} (--resume none starts over)")
+        return {"steps": start_step, "train_loss": loss, "val_loss": val_loss}
+    display = Display(total_steps, start_step, tp.log_interval, enabled=world.is_main)
+    display.val_loss = val_loss
     train_log = MetricLog(out_dir / "train_log.tsv", TRAIN_COLUMNS, start_step) if world.is_main else None
     val_log = MetricLog(out_dir / "val_log.tsv", VAL_COLUMNS, start_step) if world.is_main else None
     flops = flops_per_token(model_config, tp.seq_len)
@@ -134,7 +142,7 @@ def _train(tp: TrainParams, store_path, tokenizer_dir, model_path, resume, allow
                 if not all_finite(model_state) or not all_finite(optimizer_state):
                     raise UserError(f"step {step}: the weights or optimizer state hold non-finite values; refusing to save a checkpoint")
                 save_checkpoint({
-                    "format": "mm-checkpoint", "version": 1, "step": step,
+                    "format": FORMAT, "version": VERSION, "step": step,
                     "model": model_state, "optimizer": optimizer_state,
                     "scaler": scaler.state_dict() if scaler else None,
                     "rng": {"torch": torch.get_rng_state()},
@@ -150,7 +158,7 @@ def _train(tp: TrainParams, store_path, tokenizer_dir, model_path, resume, allow
             raise UserError(failure or "rank 0 could not save the checkpoint")
 
     # ------------------------------------------------------------------ loop
-    loss, run_start, tokens_per_s, mfu = float("nan"), time.perf_counter(), 0.0, 0.0
+    run_start, tokens_per_s, mfu = time.perf_counter(), 0.0, 0.0
     step = start_step
     while step < total_steps:
         t0 = time.perf_counter()
@@ -165,7 +173,7 @@ def _train(tp: TrainParams, store_path, tokenizer_dir, model_path, resume, allow
         grad_syncs = 0  # micro-steps whose backward all-reduced gradients (DDP; see distributed.GradSyncCounter)
         micro_batches = train_data.micro_batches(step, world.rank, world.size, tp.micro_batch_size, tp.accumulation_steps)
         for m, (x, y) in enumerate(micro_batches):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = x.to(device), y.to(device)
             distributed.set_gradient_sync(model, m == tp.accumulation_steps - 1)
             with autocast:
                 logits, aux_loss = forward(x)
@@ -266,9 +274,15 @@ def check_train_params(tp: TrainParams) -> None:
     for name in ("seq_len", "micro_batch_size", "accumulation_steps", "save_interval", "log_interval", "keep_last"):
         if getattr(tp, name) < 1:
             raise UserError(f"train.{name} must be at least 1, got {getattr(tp, name)}")
-    for name in ("max_steps", "max_tokens", "eval_interval", "eval_batches", "warmup_steps", "max_skips", "stop_after"):
+    for name in ("max_steps", "max_tokens", "eval_interval", "eval_batches", "warmup_steps", "max_skips", "stop_after",
+                 "grad_clip", "weight_decay", "epochs"):
         if getattr(tp, name) < 0:
             raise UserError(f"train.{name} must not be negative, got {getattr(tp, name)}")
+    if tp.eval_interval and not tp.eval_batches:
+        raise UserError("train.eval_batches must be at least 1 when train.eval_interval is set (0 turns evaluation off)")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(tp, name) < 1:
+            raise UserError(f"train.{name} must be in [0, 1), got {getattr(tp, name)}")
     if tp.lr <= 0 or tp.min_lr < 0 or tp.min_lr > tp.lr:
         raise UserError(f"train.lr ({tp.lr}) must be positive and train.min_lr ({tp.min_lr}) in [0, lr]")
     if tp.parallel not in ("ddp", "fsdp"):
