@@ -88,21 +88,22 @@ def check(ckpt: Path, work: Path, n_tokens: int) -> int:
         ids = llm.tokenize(prompt.encode(), add_bos=True, special=False)
         mm_prompt = [loaded.bos_id] + loaded.tokenizer.encode(prompt).ids
         assert ids == mm_prompt, f"tokenization differs: llama.cpp {ids} vs mm {mm_prompt}"
+        # llama.cpp's greedy decoding (ours came from pipeline.generate above), keeping its logits.
         llm.reset()
         llm.eval(ids)
-        theirs, max_diff = [], 0.0
-        seq = torch.tensor([mm_prompt])
+        theirs, their_logits = [], []
         for _ in range(len(ours)):
             logits = np.asarray(llm.scores[llm.n_tokens - 1])
-            with torch.no_grad():
-                ref = loaded.model(seq)[0][0, -1].numpy()
-            max_diff = max(max_diff, float(np.abs(logits - ref).max()))
+            their_logits.append(logits)
             nxt = int(logits.argmax())
             theirs.append(nxt)
             if nxt == loaded.eos_id:
                 break
             llm.eval([nxt])
-            seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+        # mm's logits at the same positions: one forward pass over llama.cpp's sequence.
+        with torch.no_grad():
+            ref = loaded.model(torch.tensor([mm_prompt + theirs[:-1]]))[0][0, len(mm_prompt) - 1 :].numpy()
+        max_diff = float(np.abs(np.stack(their_logits) - ref).max()) if theirs else 0.0
         match = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
         shortest = min(shortest, match)
         print(f"{ckpt.parent.name:8s} arch={arch:6s} prompt={prompt[:24]!r:28s} mm={len(ours)} tokens, "

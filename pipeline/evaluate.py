@@ -67,18 +67,19 @@ def evaluate_tokens(model, tokens, byte_lengths: np.ndarray, seq_len: int, batch
     if batches:
         n_windows = min(n_windows, batches * batch_size)
 
+    from pipeline.sampler import WindowSampler
+
+    windows = WindowSampler(tokens, seq_len, seed=0)  # the training window layout; read in order, no permutation
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
     model.eval()
     for first in range(0, n_windows, batch_size):
-        rows = range(first, min(first + batch_size, n_windows))
-        batch = np.stack([np.asarray(tokens[i * seq_len : i * seq_len + seq_len + 1], dtype=np.int64) for i in rows])
-        x = torch.from_numpy(batch[:, :-1]).to(device)  # (B, T)
-        y = torch.from_numpy(batch[:, 1:]).to(device)  # (B, T)
+        x, y = windows.batch(np.arange(first, min(first + batch_size, n_windows)))  # (B, T) each
+        total_bytes += int(byte_lengths[y.numpy()].sum())
+        x, y = x.to(device), y.to(device)
         logits, _ = model(x)
         nats = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
         total_nats += float(nats)
         total_tokens += y.numel()
-        total_bytes += int(byte_lengths[batch[:, 1:]].sum())
 
     loss = total_nats / total_tokens
     return {
@@ -94,11 +95,14 @@ def evaluate_tokens(model, tokens, byte_lengths: np.ndarray, seq_len: int, batch
 
 
 def evaluate_model(model_path, store_path, seq_len: int, batches: int, batch_size: int, device: str | None = None) -> dict:
-    """`mm eval`: load a checkpoint or export, check it matches the store's tokenizer, score the val split."""
+    """`mm eval`: load a checkpoint or export, check it matches the store's tokenizer, score the val split.
+
+    `device`: None/"auto", "cpu" or "cuda" (`hardware.pick_device`; anything else is a UserError)."""
     from pipeline.generate import load_model
+    from pipeline.hardware import pick_device
     from pipeline.token_store import open_store
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device, local_rank=0)
     store = open_store(store_path)
     loaded = load_model(model_path, device=device)
     model_vocab = loaded.model.config.vocab_size

@@ -36,13 +36,10 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
+from pipeline.hardware import DTYPES
 from pipeline.model import ModelConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-# Special tokens of the mm tokenizer (pipeline/tokenizer_train.py).
-PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
 # Sampling defaults written to generation_config.json (and used by `mm generate`).
 GENERATION_DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 50, "repetition_penalty": 1.0}
@@ -236,36 +233,28 @@ def config_from_hf(doc: dict, source: str) -> ModelConfig:
 # ---------------------------------------------------------------------------
 
 
-def tokenizer_files(state: dict, source: str) -> dict[str, str]:
-    """The checkpoint's tokenizer files, tokenizer_config.json completed for transformers 4.x/5.x and llama.cpp."""
+def tokenizer_files(state: dict, source: str) -> tuple[dict[str, str], dict]:
+    """The checkpoint's tokenizer files, tokenizer_config.json completed for transformers
+    4.x/5.x and llama.cpp, and the tokenizer's info (`tokenizer_train.tokenizer_from_files`:
+    bos/eos/pad ids and strings, whatever tokenizer the model was trained with)."""
+    from pipeline.tokenizer_train import tokenizer_from_files
+
     files = dict(state.get("tokenizer") or {})
-    if "tokenizer.json" not in files:
-        raise UserError(f"{source}: the checkpoint carries no tokenizer.json")
+    _, info = tokenizer_from_files(files, f"{source} tokenizer")
     try:
-        tok = json.loads(files["tokenizer.json"])
         tok_config = json.loads(files.get("tokenizer_config.json") or "{}")
     except json.JSONDecodeError as e:
-        raise UserError(f"{source}: tokenizer file in the checkpoint is not valid JSON ({e.msg})") from None
-    added = {t["content"] for t in tok.get("added_tokens", [])}
-    for token in (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN):
-        if token not in added:
-            raise UserError(f"{source}: tokenizer lacks the special token {token}")
+        raise UserError(f"{source}: tokenizer_config.json in the checkpoint is not valid JSON ({e.msg})") from None
+    special = {f"{k}_token": info[f"{k}_token"] for k in ("bos", "eos", "pad")}
     tok_config.update(
         tokenizer_class="PreTrainedTokenizerFast",
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
+        **special,
         model_max_length=int(state["model_config"].get("max_seq_len", 32768)),
         clean_up_tokenization_spaces=False,
     )
     files["tokenizer_config.json"] = json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n"
-    files["special_tokens_map.json"] = json.dumps({"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}, indent=2) + "\n"
-    return files
-
-
-def special_ids(tokenizer_json: str) -> dict[str, int]:
-    ids = {t["content"]: t["id"] for t in json.loads(tokenizer_json).get("added_tokens", [])}
-    return {"pad": ids[PAD_TOKEN], "bos": ids[BOS_TOKEN], "eos": ids[EOS_TOKEN]}
+    files["special_tokens_map.json"] = json.dumps(special, indent=2, ensure_ascii=False) + "\n"
+    return files, info
 
 
 # ---------------------------------------------------------------------------
@@ -294,8 +283,7 @@ def export_hf(state: dict, out_dir: str | Path, dtype: str = "fp32", source: str
     config = model_config_of(state, source)
     table = weight_map(config)
     check_keys(state["model"].keys(), table.keys(), source)
-    files = tokenizer_files(state, source)
-    ids = special_ids(files["tokenizer.json"])
+    files, tok = tokenizer_files(state, source)
 
     tensors = {}
     for ours, theirs in table.items():
@@ -305,9 +293,9 @@ def export_hf(state: dict, out_dir: str | Path, dtype: str = "fp32", source: str
             raise UserError(f"{source}: weight {ours} has shape {tuple(t.shape)}, the config says {expected}")
         tensors[theirs] = t.detach().to("cpu", torch_dtype).contiguous()
 
-    doc = hf_config(config, torch_dtype, ids["bos"], ids["eos"], ids["pad"])
+    doc = hf_config(config, torch_dtype, tok["bos_id"], tok["eos_id"], tok["pad_id"])
     generation = {
-        "bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"],
+        "bos_token_id": tok["bos_id"], "eos_token_id": tok["eos_id"], "pad_token_id": tok["pad_id"],
         "do_sample": True, **GENERATION_DEFAULTS, "max_new_tokens": 256,
     }
 
@@ -317,7 +305,7 @@ def export_hf(state: dict, out_dir: str | Path, dtype: str = "fp32", source: str
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        (tmp / "README.md").write_text(model_card(state, config, doc, dtype), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(state, config, doc, dtype, tok), encoding="utf-8")
 
     _write_dir_atomically(out_dir, write)
     return out_dir
@@ -363,11 +351,12 @@ def _write_dir_atomically(out_dir: Path, write) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def model_card(state: dict, config: ModelConfig, doc: dict, dtype: str) -> str:
+def model_card(state: dict, config: ModelConfig, doc: dict, dtype: str, tok: dict) -> str:
     from pipeline.architecture import count_params
 
     counts = count_params(config)
-    metrics, data, train = state.get("metrics") or {}, state.get("data") or {}, state.get("train_config") or {}
+    metrics, data = state.get("metrics") or {}, state.get("data") or {}
+    bos, eos = tok["bos_token"], tok["eos_token"]
 
     def fmt(value, spec=".4f"):
         return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
@@ -376,7 +365,6 @@ def model_card(state: dict, config: ModelConfig, doc: dict, dtype: str) -> str:
     rows = [
         ("architecture", f"{doc['architectures'][0]} ({'QK-norm, ' if config.qk_norm else ''}"
                          f"{f'MoE {config.top_k} of {config.n_experts} experts' if config.n_experts else 'dense'})"),
-        ("preset", str(train.get("preset") or state.get("preset") or (state.get("model_config") or {}).get("preset") or "n/a")),
         ("parameters", f"{counts['total'] / 1e6:.2f}M (non-embedding {counts['non_embedding'] / 1e6:.2f}M"
                        + (f", active {counts['active'] / 1e6:.2f}M" if config.n_experts else "") + ")"),
         ("layers × dim", f"{config.n_layers} × {config.dim}, {config.n_heads} heads ({config.n_kv_heads} KV), head_dim {config.head_dim}"),
@@ -411,12 +399,12 @@ It is a base model: it continues text, it does not follow instructions.
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained("path/to/this/dir")
 model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
-ids = tok("{BOS_TOKEN}Once upon a time", return_tensors="pt").input_ids
+ids = tok("{bos}Once upon a time", return_tensors="pt").input_ids
 print(tok.decode(model.generate(ids, max_new_tokens=50)[0]))
 ```
 
-Training documents were packed as `{BOS_TOKEN}` text `{EOS_TOKEN}`; start prompts with
-`{BOS_TOKEN}` to match. The tokenizer does not add it by itself.
+Training documents were packed as `{bos}` text `{eos}`; start prompts with
+`{bos}` to match. The tokenizer does not add it by itself.
 """
 
 
@@ -475,15 +463,13 @@ def export_gguf(state: dict, path: str | Path, dtype: str = "fp32", source: str 
         raise UserError("GGUF export needs the gguf package: pip install gguf (or pip install 'mm[gguf]')") from None
 
     path = Path(path)
-    if dtype not in ("fp32", "fp16", "bf16"):
-        raise UserError(f"export.dtype: must be one of fp32, bf16, fp16, got {dtype!r}")
+    _dtype(dtype)
     config = model_config_of(state, source)
     if config.n_experts:
         raise UserError(f"{source}: GGUF export of MoE models is not supported yet; export --format hf and convert with llama.cpp's convert_hf_to_gguf.py")
     check_keys(state["model"].keys(), weight_map(config).keys(), source)
-    files = tokenizer_files(state, source)
+    files, ids = tokenizer_files(state, source)
     tok = json.loads(files["tokenizer.json"])
-    ids = special_ids(files["tokenizer.json"])
     pre = gguf_pre_tokenizer(tok, source)
 
     arch = "qwen3" if config.qk_norm else "llama"
@@ -533,9 +519,9 @@ def export_gguf(state: dict, path: str | Path, dtype: str = "fp32", source: str 
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)
-        writer.add_bos_token_id(ids["bos"])
-        writer.add_eos_token_id(ids["eos"])
-        writer.add_pad_token_id(ids["pad"])
+        writer.add_bos_token_id(ids["bos_id"])
+        writer.add_eos_token_id(ids["eos_id"])
+        writer.add_pad_token_id(ids["pad_id"])
         # Documents were trained as BOS + text + EOS: llama.cpp prepends BOS as `mm generate` does.
         writer.add_add_bos_token(True)
         writer.add_add_eos_token(False)

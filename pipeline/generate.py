@@ -44,35 +44,30 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """A Transformer and its tokenizer from a ckpt.pth or from an `mm export` directory."""
-    from tokenizers import Tokenizer
+    """A Transformer and its tokenizer from a ckpt.pth or from an `mm export` directory.
 
-    from pipeline.export import BOS_TOKEN, EOS_TOKEN
+    BOS/EOS are the tokenizer's own (`tokenizer_train.tokenizer_from_files`), so a
+    model trained with a GPT-2/Qwen-style tokenizer (EOS doubling as BOS) works too."""
+    from pipeline.tokenizer_train import load_tokenizer, tokenizer_from_files
 
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: model not found (give a ckpt.pth or an exported directory)")
     if path.is_dir():
-        model, tok_json, meta = _load_export_dir(path)
+        model = _load_export_dir(path)
+        tokenizer, info = load_tokenizer(path)
+        # Same fingerprint as the token store's (sha256 of tokenizer.json): export copies the file verbatim.
+        meta = {"data": {"tokenizer_sha256": info["fingerprint"]}}
         source = "export"
     else:
         from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
 
         state = load_checkpoint(path)
         model = model_from_checkpoint(state)
-        tok_json = (state.get("tokenizer") or {}).get("tokenizer.json")
-        if tok_json is None:
-            raise UserError(f"{path}: the checkpoint carries no tokenizer.json")
+        tokenizer, info = tokenizer_from_files(state.get("tokenizer") or {}, f"{path} tokenizer")
         meta = {"data": state.get("data") or {}, "metrics": state.get("metrics") or {}}
         source = "checkpoint"
-    try:
-        tokenizer = Tokenizer.from_str(tok_json)
-    except Exception as e:  # tokenizers raises bare Exceptions
-        raise UserError(f"{path}: tokenizer.json is not readable ({str(e).splitlines()[0] if str(e) else e})") from None
-    bos, eos = tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
-    if bos is None or eos is None:
-        raise UserError(f"{path}: tokenizer lacks {BOS_TOKEN} or {EOS_TOKEN}")
-    return LoadedModel(model.to(device).eval(), tokenizer, bos, eos, source, meta)
+    return LoadedModel(model.to(device).eval(), tokenizer, info["bos_id"], info["eos_id"], source, meta)
 
 
 def _load_export_dir(path: Path):
@@ -107,12 +102,7 @@ def _load_export_dir(path: Path):
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise UserError(f"{weights_path}: weights do not fit config.json ({str(e).splitlines()[-1].strip()[:200]})") from None
-    import hashlib
-
-    raw = tok_path.read_bytes()
-    # Same fingerprint as the token store's (sha256 of tokenizer.json): export copies the file verbatim.
-    meta = {"data": {"tokenizer_sha256": hashlib.sha256(raw).hexdigest()}}
-    return model, raw.decode("utf-8"), meta
+    return model
 
 
 # ---------------------------------------------------------------------------

@@ -84,10 +84,6 @@ class Split:
     """int64, n_docs + 1: document d is tokens[doc_offsets[d]:doc_offsets[d+1]]."""
 
     @property
-    def n_tokens(self) -> int:
-        return len(self.tokens)
-
-    @property
     def n_docs(self) -> int:
         return len(self.doc_offsets) - 1
 
@@ -120,21 +116,12 @@ class TokenStore:
         return int(self.attrs["tokenizer"]["eos_id"])
 
     @property
-    def pad_id(self) -> int:
-        return int(self.attrs["tokenizer"]["pad_id"])
-
-    @property
     def fingerprint(self) -> str:
         """sha256 of the attributes that define the data (format, tokenizer, sources,
         split rule, counts): equal stores give equal fingerprints wherever they lie."""
         keys = ("format", "version", "dtype", "tokenizer", "text_field", "val_fraction", "sources", "counts")
         canon = json.dumps({k: self.attrs.get(k) for k in keys}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()
-
-    def split(self, name: str) -> Split:
-        if name not in SPLITS:
-            raise KeyError(name)
-        return getattr(self, name)
 
 
 def _read_json(path: Path, what: str) -> dict:

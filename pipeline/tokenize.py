@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
-
-FORMAT_NAME = "mm-tokens"
-FORMAT_VERSION = 1
+from pipeline.token_store import ATTRS_CHECKSUM, FORMAT_NAME, FORMAT_VERSION, attrs_checksum
 CHUNK_TOKENS = 2**24
 """Tokens per chunk file (32 MiB of uint16): large, so the trainer maps few files."""
 OFFSET_CHUNK = 2**21
@@ -60,34 +59,44 @@ not JSON; JSON but not an object; no text field; text not a string; empty text."
 # --------------------------------------------------------------------------- lines
 
 
-def parse_line(line: bytes, text_field: str) -> tuple[str | None, str | None]:
-    """One raw line (no newline, no BOM) → (text, None) or (None, reason)."""
+def split_lines(data: bytes, first_line_no: int) -> list[bytes]:
+    """A block from `iter_blocks` → its lines (no newlines; the file's BOM stripped from line 1)."""
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()
+    if first_line_no == 1 and lines and lines[0].startswith(BOM):
+        lines[0] = lines[0][len(BOM):]
+    return lines
+
+
+def parse_line(line: bytes, text_field: str) -> tuple[str | None, bytes | None, str | None]:
+    """One raw line (no newline, no BOM) → (text, its UTF-8 bytes, None) or (None, None, reason)."""
     if line.endswith(b"\r"):
         line = line[:-1]
     if not line.strip():
-        return None, "empty_line"
+        return None, None, "empty_line"
     try:
         s = line.decode("utf-8")
     except UnicodeDecodeError:
-        return None, "not_utf8"
+        return None, None, "not_utf8"
     try:
         obj = json.loads(s)
     except (ValueError, RecursionError):
-        return None, "not_json"
+        return None, None, "not_json"
     if not isinstance(obj, dict):
-        return None, "not_object"
+        return None, None, "not_object"
     if text_field not in obj:
-        return None, "missing_field"
+        return None, None, "missing_field"
     text = obj[text_field]
     if not isinstance(text, str):
-        return None, "not_string"
+        return None, None, "not_string"
     if not text:
-        return None, "empty_text"
+        return None, None, "empty_text"
     try:
-        text.encode("utf-8")
+        utf8 = text.encode("utf-8")
     except UnicodeEncodeError:  # "\ud800": valid JSON, not valid Unicode
-        return None, "not_utf8"
-    return text, None
+        return None, None, "not_utf8"
+    return text, utf8, None
 
 
 class _HashingReader:
@@ -133,7 +142,7 @@ def iter_blocks(path: Path, block_bytes: int = BATCH_BYTES):
         while True:
             try:
                 block = src.read(block_bytes)
-            except (OSError, EOFError) as e:
+            except (OSError, EOFError, zlib.error) as e:  # zlib.error: a corrupt gzip stream
                 raise UserError(f"{path}: cannot read ({e})") from None
             if not block:
                 break
@@ -180,18 +189,13 @@ def split_of(text_utf8: bytes, val_fraction: float) -> int:
 def _encode(task: tuple[int, bytes]) -> dict:
     """A block of lines → packed tokens per split, doc lengths, byte counts, rejects."""
     first_line_no, data = task
-    lines = data.split(b"\n")
-    if data.endswith(b"\n"):
-        lines.pop()
-    if first_line_no == 1 and lines and lines[0].startswith(BOM):
-        lines[0] = lines[0][len(BOM):]
+    lines = split_lines(data, first_line_no)
     texts, splits, nbytes, rejects = [], [], [0, 0], []
     for i, line in enumerate(lines):
-        text, reason = parse_line(line, _W["field"])
+        text, b, reason = parse_line(line, _W["field"])
         if reason is not None:
             rejects.append((reason, first_line_no + i))
             continue
-        b = text.encode("utf-8")
         s = split_of(b, _W["val"])
         texts.append(text)
         splits.append(s)
@@ -334,7 +338,7 @@ def tokenize_files(
     out: str | Path,
     *,
     workers: int = 1,
-    val_fraction: float = 0.005,
+    val_fraction: float,
     text_field: str = "text",
     strict: bool = False,
     force: bool = False,
@@ -346,9 +350,9 @@ def tokenize_files(
     plus `seconds` (wall time) and `path`.
 
     `workers` processes encode in parallel (1 = encode in this process); the output
-    is byte-identical for any value. `chunk_tokens` and `batch_bytes` exist for tests.
+    is byte-identical for any value. `val_fraction` has no default here: the one
+    default is params' data.val_fraction (`mm tokenize`). `chunk_tokens` and `batch_bytes` exist for tests.
     """
-    from pipeline.token_store import ATTRS_CHECKSUM, attrs_checksum
     from pipeline.tokenizer_train import load_tokenizer
 
     inputs = [Path(p) for p in inputs]

@@ -20,21 +20,15 @@ def evaluate(
     set: SetOption = None,
 ) -> None:
     """Score the val split: loss (nats/token), perplexity, bits per byte; JSON + a table."""
-    import json
-    import os
-
     from rich.console import Console
     from rich.table import Table
 
     from pipeline.evaluate import evaluate_model
+    from pipeline.progress import write_metrics
 
     p = load(params, set)
-    result = evaluate_model(model, data, seq_len or p.train.seq_len, p.eval.batches, p.eval.batch_size,
-                            None if device == "auto" else device)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    result = evaluate_model(model, data, seq_len or p.train.seq_len, p.eval.batches, p.eval.batch_size, device)
+    write_metrics(out, result)
 
     table = Table(title=f"{model} on {data} val", show_header=False)
     table.add_row("val loss (nats/token)", f"{result['val_loss']:.4f}")

@@ -21,13 +21,10 @@ def generate(
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, or auto.")] = "auto",
 ) -> None:
     """Continue PROMPT, streaming text to stdout; tokens/s goes to stderr."""
-    import torch
-
     from pipeline.generate import generate as run, load_model
+    from pipeline.hardware import pick_device
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=pick_device(device, local_rank=0))
     stats: dict = {}
     sys.stdout.write(prompt)
     sys.stdout.flush()

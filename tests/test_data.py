@@ -75,7 +75,17 @@ def test_sample_corpus_is_real_deduplicated_and_deterministic(tiny_store, tmp_pa
     texts = [json.loads(line)["text"] for line in lines]
     assert len(texts) > 1000 and len(set(texts)) == len(texts)
     assert tiny_store.corpus.stat().st_size > 1_000_000
-    assert any("Return" in t for t in texts)  # English prose from docstrings
+    # The stdlib's own docstrings, as Python itself reports them (an independent reading of the source).
+    import inspect
+    import json as json_module
+    import textwrap
+
+    from pipeline.corpus import MIN_CHARS
+
+    present = set(texts)
+    for fn in (json_module.dumps, textwrap.dedent, inspect.getdoc):
+        assert inspect.getdoc(fn).strip() in present, fn.__qualname__
+    assert all(len(t) >= MIN_CHARS and t == t.strip() for t in texts)
     r = mm("sample", tmp_path / "again.jsonl", "--params", tmp_path / "none.yaml", cwd=tmp_path)
     assert r.returncode == 1  # a named params file that does not exist is a user error
     r = mm("sample", tmp_path / "again.jsonl", cwd=tmp_path)
@@ -232,7 +242,7 @@ def test_bad_lines_counted_and_tokens_match_independent_encoding(tiny_store, mes
 
     expected = expected_arrays(tiny_store.tokenizer, info["kept"], 0.1)
     for name in ("train", "val"):
-        split = store.split(name)
+        split = getattr(store, name)
         toks, offs = expected[name]
         assert len(split.tokens) == len(toks) and len(split.doc_offsets) == len(offs)
         np.testing.assert_array_equal(np.asarray(split.tokens[0:len(split.tokens)], dtype=np.int64), toks)
@@ -255,8 +265,8 @@ def test_bad_lines_counted_and_tokens_match_independent_encoding(tiny_store, mes
     assert two.attrs["counts"]["lines"] == one.attrs["counts"]["lines"] == len(lines)
     assert two.attrs["counts"]["kept"] == one.attrs["counts"]["kept"] == c["kept"] - 2
     for name in ("train", "val"):
-        np.testing.assert_array_equal(np.asarray(two.split(name).tokens), np.asarray(one.split(name).tokens))
-        np.testing.assert_array_equal(two.split(name).doc_offsets, one.split(name).doc_offsets)
+        np.testing.assert_array_equal(np.asarray(getattr(two, name).tokens), np.asarray(getattr(one, name).tokens))
+        np.testing.assert_array_equal(getattr(two, name).doc_offsets, getattr(one, name).doc_offsets)
 
 
 def test_strict_names_file_and_line_and_leaves_nothing(tiny_store, tmp_path):
@@ -313,7 +323,7 @@ def test_zarr_reads_what_memmap_reader_returns(tiny_store, tmp_path, chunk_token
     group = zarr.open_group(str(path), mode="r")
     assert group.attrs["format"] == "mm-tokens" and dict(group.attrs) == store.attrs
     for name in ("train", "val"):
-        split = store.split(name)
+        split = getattr(store, name)
         zt, zo = group[f"{name}/tokens"], group[f"{name}/doc_offsets"]
         assert zt.dtype == store.dtype == np.uint16 and zo.dtype == np.int64
         np.testing.assert_array_equal(zt[:], np.asarray(split.tokens[0:len(split.tokens)]))
@@ -412,6 +422,20 @@ def test_cli_user_errors(tiny_store, tmp_path):
     assert r.returncode == 0, r.stderr
     assert not (out / "junk").exists() and (out / "zarr.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["forced.zarr", "notatokenizer"]
+
+
+def test_corrupt_gzip_is_one_line_error_naming_the_file(tiny_store, tmp_path):
+    """A damaged deflate stream (zlib.error, not OSError) in `mm tokenize` and `mm tokenizer`."""
+    data = bytearray(gzip.compress(tiny_store.corpus.read_bytes()[:300_000]))
+    for i in range(200, 260):
+        data[i] ^= 0x5A
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(bytes(data))
+    assert_user_error(mm("tokenize", bad, "--tokenizer", tiny_store.tokenizer, "--out", tmp_path / "o.zarr",
+                         "--workers", 1, cwd=tmp_path), "bad.jsonl.gz", "cannot read")
+    assert_user_error(mm("tokenizer", bad, "--vocab-size", 300, "--out", tmp_path / "tok", cwd=tmp_path),
+                      "bad.jsonl.gz", "cannot read")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl.gz"]
 
 
 def _corrupt(tiny_store, tmp_path, name) -> Path:

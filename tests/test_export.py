@@ -311,6 +311,47 @@ def test_user_errors(ckpts, tmp_path):
         export_gguf(load_checkpoint(ckpts["moe"]), tmp_path / "m.gguf")
 
 
+def test_bad_device_is_a_user_error(ckpts, tiny_store, tmp_path):
+    assert_user_error(mm("generate", ckpts["plain"], "hi", "--device", "foo"), "--device", "foo")
+    assert_user_error(mm("eval", ckpts["plain"], "--data", tiny_store.store, "--out", tmp_path / "e.json",
+                         "--device", "foo"), "--device", "foo")
+    if not torch.cuda.is_available():
+        assert_user_error(mm("generate", ckpts["plain"], "hi", "--device", "cuda"), "no CUDA")
+        assert_user_error(mm("eval", ckpts["plain"], "--data", tiny_store.store, "--out", tmp_path / "e.json",
+                             "--device", "cuda"), "no CUDA")
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_gpt2_style_tokenizer_ids_come_from_the_tokenizer(tiny_store, tmp_path):
+    """A tokenizer with only an eos_token (GPT-2/Qwen style): export and generate use EOS as
+    BOS and pad, as `mm tokenize` packed the documents; nothing assumes MiniMind's strings."""
+    from pipeline.checkpoint import load_checkpoint, save_checkpoint
+    from pipeline.export import export_hf
+    from pipeline.generate import generate, load_model
+
+    state = make_state(tiny_store.tokenizer, "tiny", {})
+    state["tokenizer"] = {"tokenizer.json": state["tokenizer"]["tokenizer.json"],
+                          "tokenizer_config.json": json.dumps({"eos_token": "<|im_end|>"})}
+    save_checkpoint(state, tmp_path / "ck", keep_last=1)
+    ckpt = tmp_path / "ck" / "ckpt.pth"
+    out = export_hf(load_checkpoint(ckpt), tmp_path / "exp", "fp32")
+    doc = json.loads((out / "config.json").read_text())
+    assert (doc["bos_token_id"], doc["eos_token_id"], doc["pad_token_id"]) == (2, 2, 2)
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_config["bos_token"] == tok_config["eos_token"] == tok_config["pad_token"] == "<|im_end|>"
+    assert "<|im_end|>Once upon a time" in (out / "README.md").read_text()
+    for path in (ckpt, out):
+        loaded = load_model(path)
+        assert (loaded.bos_id, loaded.eos_id) == (2, 2)
+        stats: dict = {}
+        list(generate(loaded, "Once", 4, temperature=0, stats=stats))
+        assert stats["prompt_tokens"] == 1 + len(loaded.tokenizer.encode("Once").ids)
+    # A tokenizer without any eos_token cannot delimit documents: refused, naming the checkpoint.
+    state["tokenizer"]["tokenizer_config.json"] = "{}"
+    with pytest.raises(UserError, match="ck2.*no eos_token"):
+        export_hf(state, tmp_path / "exp2", "fp32", source=str(tmp_path / "ck2"))
+
+
 @pytest.mark.parametrize("name", ["plain", "qknorm"])
 def test_gguf_tensors(ckpts, tmp_path, name):
     """GGUF layout: llama arch with q/k rows permuted to interleaved RoPE; qwen3 (NeoX RoPE) as is."""
