@@ -257,11 +257,17 @@ def _feed(h, obj) -> None:
         h.update(repr(obj).encode())
 
 
+def model_config(state: dict, source: str = "checkpoint"):
+    """The ModelConfig a checkpoint describes, checked field by field."""
+    from pipeline.architecture import config_from_dict
+
+    return config_from_dict(dict(state["model_config"]), source=f"{source} model_config")
+
+
 def model_from_checkpoint(state: dict):
     """The Transformer a checkpoint describes, with its weights loaded strictly."""
-    from pipeline.architecture import config_from_dict
     from pipeline.model import Transformer
 
-    model = Transformer(config_from_dict(dict(state["model_config"]), source="checkpoint model_config"))
+    model = Transformer(model_config(state))
     model.load_state_dict(state["model"], strict=True)
     return model

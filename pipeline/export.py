@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.checkpoint import model_config
 from pipeline.errors import UserError
 from pipeline.hardware import DTYPES
 from pipeline.model import ModelConfig
@@ -262,12 +263,6 @@ def tokenizer_files(state: dict, source: str) -> tuple[dict[str, str], dict]:
 # ---------------------------------------------------------------------------
 
 
-def model_config_of(state: dict, source: str) -> ModelConfig:
-    from pipeline.architecture import config_from_dict
-
-    return config_from_dict(dict(state["model_config"]), source=f"{source} model_config")
-
-
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"export.dtype: must be one of {', '.join(DTYPES)}, got {name!r}")
@@ -280,7 +275,7 @@ def export_hf(state: dict, out_dir: str | Path, dtype: str = "fp32", source: str
 
     out_dir = Path(out_dir)
     torch_dtype = _dtype(dtype)
-    config = model_config_of(state, source)
+    config = model_config(state, source)
     table = weight_map(config)
     check_keys(state["model"].keys(), table.keys(), source)
     files, tok = tokenizer_files(state, source)
@@ -464,7 +459,7 @@ def export_gguf(state: dict, path: str | Path, dtype: str = "fp32", source: str 
 
     path = Path(path)
     _dtype(dtype)
-    config = model_config_of(state, source)
+    config = model_config(state, source)
     if config.n_experts:
         raise UserError(f"{source}: GGUF export of MoE models is not supported yet; export --format hf and convert with llama.cpp's convert_hf_to_gguf.py")
     check_keys(state["model"].keys(), weight_map(config).keys(), source)

@@ -62,9 +62,12 @@ def read_log(path: Path) -> list[dict]:
 
 
 def write_metrics(path: Path, metrics: dict) -> None:
+    """Write a metrics JSON atomically (temporary file, then rename); NaN/inf become null."""
     path.parent.mkdir(parents=True, exist_ok=True)
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-    path.write_text(json.dumps(clean, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(clean, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 class Display:

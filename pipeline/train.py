@@ -13,7 +13,6 @@ so a resumed run continues the identical loss curve, with any process count.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import signal
@@ -36,9 +35,9 @@ from pipeline.plots import write_loss_png
 from pipeline.progress import TRAIN_COLUMNS, VAL_COLUMNS, Display, MetricLog, write_metrics
 from pipeline.sampler import WindowSampler, eval_windows
 from pipeline.token_store import open_store
+from pipeline.tokenizer_train import TOKENIZER_FILES, load_tokenizer
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; rerun to resume
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class Preempted(Exception):
@@ -373,12 +372,14 @@ def _short(value) -> str:
 
 
 def read_tokenizer_dir(path: Path) -> tuple[dict[str, str], str]:
-    """The tokenizer's files as text (embedded in checkpoints) and the sha256 of tokenizer.json."""
-    main = path / "tokenizer.json"
-    if not main.is_file():
-        raise UserError(f"{path}: not a tokenizer directory (no tokenizer.json)")
-    files = {name: (path / name).read_text(encoding="utf-8") for name in TOKENIZER_FILES if (path / name).is_file()}
-    return files, hashlib.sha256(main.read_bytes()).hexdigest()
+    """The tokenizer's files as text (embedded in checkpoints) and its fingerprint.
+
+    Decoded from bytes, not read as text: newline translation would change the
+    fingerprint of a CRLF tokenizer.json once exported.
+    """
+    _, info = load_tokenizer(path)  # validates the directory; UserError names it
+    files = {name: (path / name).read_bytes().decode("utf-8") for name in TOKENIZER_FILES if (path / name).is_file()}
+    return files, info["fingerprint"]
 
 
 def all_finite(state) -> bool:

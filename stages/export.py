@@ -21,9 +21,9 @@ def export(
     """Export a checkpoint for transformers (safetensors + config + tokenizer) or llama.cpp (GGUF)."""
     from rich.console import Console
 
-    from pipeline.checkpoint import load_checkpoint
     from pipeline.errors import UserError
-    from pipeline.export import ARCHITECTURES, export_gguf, export_hf, hf_model_type, model_config_of
+    from pipeline.checkpoint import load_checkpoint, model_config
+    from pipeline.export import ARCHITECTURES, export_gguf, export_hf, hf_model_type
 
     p = load(params, set)
     dtype = dtype or p.export.dtype
@@ -33,7 +33,7 @@ def export(
     source = str(checkpoint)
     if format == "hf":
         path = export_hf(state, out or Path("export"), dtype, source=source)
-        kind = ARCHITECTURES[hf_model_type(model_config_of(state, source))]
+        kind = ARCHITECTURES[hf_model_type(model_config(state, source))]
     else:
         path = export_gguf(state, out or Path("export.gguf"), dtype, source=source)
         kind = "GGUF"

@@ -243,6 +243,10 @@ ERROR_CASES = {
     "unknown_key": ("set=bogus=1", ["train.bogus"]),
     "micro_batch_zero": ("set=micro_batch_size=0", ["train.micro_batch_size"]),
     "incompatible_checkpoint": ("model=dim96", ["cannot resume", "model.dim", "64", "96"]),
+    "bad_yaml_value": ("set=lr=[", ["--set", "train.lr=["]),
+    "negative_grad_clip": ("set=grad_clip=-1", ["train.grad_clip", "-1"]),
+    "eval_without_batches": ("set=eval_batches=0", ["train.eval_batches"]),
+    "bad_beta": ("set=beta2=1.5", ["train.beta2", "1.5"]),
 }
 
 
@@ -284,6 +288,17 @@ def test_user_error_is_one_line_exit_1(error_runs, case):
     for word in ERROR_CASES[case][1]:
         assert word in lines[0], lines[0]
     assert not list((run.out_path.parent / f"out_{case}").glob("*.pth"))  # nothing was trained or saved
+
+
+def test_rerun_of_a_finished_run_keeps_its_metrics(tiny_store, work, model_json, resume_runs):
+    """--resume auto on a run that already reached max_steps trains nothing and rewrites nothing."""
+    model, _ = model_json
+    out = work / "straight_fp32"
+    before = {name: (out / name).read_bytes() for name in ("metrics.json", "train_log.tsv")}
+    common = ("dtype=fp32", "max_steps=40", "micro_batch_size=4", "accumulation_steps=2")
+    run = Run(train_args(tiny_store, model, out, *common), work, "rerun_finished").wait().check()
+    assert "nothing to do" in run.stderr
+    assert {name: (out / name).read_bytes() for name in before} == before
 
 
 def test_train_help(error_runs):
