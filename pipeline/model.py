@@ -71,8 +71,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32 even under autocast, then scale in the input dtype (as HF Llama).
-        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x)
+        # Normalise and scale in fp32 even under autocast (one fused kernel), return the input dtype.
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight, self.eps).type_as(x)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
