@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import subprocess
@@ -68,9 +69,7 @@ def _train_here(p, data, tokenizer, model, resume, allow_data_change, device) ->
         metrics = run_training(p, data, tokenizer, model, resume, allow_data_change, device)
     except Preempted:
         raise typer.Exit(PREEMPTED_EXIT_CODE)
-    import os
-
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line from rank 0
         shown = {k: v for k, v in metrics.items() if v is not None}
         print("done: " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()), file=sys.stderr)
 
@@ -85,8 +84,6 @@ def _run_launcher(cmd: list[str]) -> int:
     def forward(signum, frame):
         forwarded.append(signum)
         try:
-            import os
-
             os.killpg(child.pid, signum)
         except ProcessLookupError:
             pass
