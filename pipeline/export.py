@@ -452,16 +452,15 @@ def gguf_pre_tokenizer(tok: dict, source: str) -> str:
 
 def export_gguf(state: dict, path: str | Path, dtype: str = "fp32", source: str = "checkpoint") -> Path:
     """Write a GGUF file llama.cpp runs: arch llama (plain) or qwen3 (QK-norm), with the tokenizer."""
-    try:
-        import gguf
-    except ImportError:
-        raise UserError("GGUF export needs the gguf package: pip install gguf (or pip install 'mm[gguf]')") from None
-
     path = Path(path)
     _dtype(dtype)
     config = model_config(state, source)
     if config.n_experts:
         raise UserError(f"{source}: GGUF export of MoE models is not supported yet; export --format hf and convert with llama.cpp's convert_hf_to_gguf.py")
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("GGUF export needs the gguf package: pip install gguf (or pip install 'mm[gguf]')") from None
     check_keys(state["model"].keys(), weight_map(config).keys(), source)
     files, ids = tokenizer_files(state, source)
     tok = json.loads(files["tokenizer.json"])
