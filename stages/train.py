@@ -55,6 +55,12 @@ def train(
         if dry_run:
             _print_plan(cmd, p.train, world)
             return
+        if gpus:
+            import torch
+
+            if torch.cuda.device_count() < gpus:
+                raise UserError(f"--gpus {gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                                "(--device cpu --procs N runs several CPU processes)")
         raise typer.Exit(_run_launcher(cmd))
     if dry_run:
         _print_plan(None, p.train, 1)

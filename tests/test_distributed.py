@@ -318,3 +318,11 @@ def test_dry_run_prints_launcher_and_split_without_starting(tmp_path):
     assert sum(line.strip().startswith("rank ") for line in lines) == 8
     assert "rank 7: samples [56, 64)" in done.stdout
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 8, reason="this machine has the GPUs")
+def test_more_gpus_than_the_machine_has_is_one_line_error(tmp_path):
+    done = subprocess.run([MM, "train", "--gpus", "8"], capture_output=True, text=True, env=env(), timeout=120, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("error: --gpus 8: this machine has") and len(done.stderr.strip().splitlines()) == 1
+    assert "torch.distributed.run" not in done.stderr  # refused before launching anything
