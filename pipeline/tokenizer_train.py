@@ -119,7 +119,7 @@ def load_tokenizer(directory: str | Path):
     """Load any Hugging Face tokenizer dir (one with tokenizer.json); see `tokenizer_from_files`."""
     d = Path(directory)
     if not d.exists():
-        raise UserError(f"{d}: tokenizer directory not found")
+        raise UserError(f"{d}: tokenizer directory not found (run `mm tokenizer` first, or pass --tokenizer DIR)")
     path = d / "tokenizer.json" if d.is_dir() else d
     if not path.is_file():
         raise UserError(f"{d}: no tokenizer.json (not a Hugging Face tokenizer directory)")
