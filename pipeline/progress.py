@@ -81,10 +81,13 @@ class Display:
         if self.live:
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.table import Column
 
+            # Stats fold onto a second line on narrow terminals instead of being cut off.
             self.bar = Progress(
-                TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
+                TextColumn("step {task.completed}/{task.total}", table_column=Column(no_wrap=True)),
+                BarColumn(bar_width=20), TimeRemainingColumn(),
+                TextColumn("{task.fields[stats]}", table_column=Column(overflow="fold")),
                 transient=False, console=Console(stderr=True),  # stdout stays free for the user
             )
             self.task = self.bar.add_task("train", total=total_steps, completed=start_step, stats="")
