@@ -6,6 +6,7 @@ imports the pipeline inside its body, so `mm --help` answers at once.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -48,7 +49,7 @@ def main() -> None:
     try:
         app(standalone_mode=True)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_rank_prefix()}{e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:
         # A path the user gave that cannot be read or written (a directory, no permission, ...).
@@ -56,6 +57,13 @@ def main() -> None:
             raise
         print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         sys.exit(1)
+
+
+def _rank_prefix() -> str:
+    """Under torchrun with several processes, say which rank failed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"rank {os.environ.get('RANK', '?')}: "
+    return ""
 
 
 if __name__ == "__main__":
