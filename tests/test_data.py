@@ -124,6 +124,12 @@ def test_tokenizer_cli_streams_jsonl_and_gz(tiny_store, tmp_path):
     assert info["vocab_size"] == 400 and info["bos_id"] == 1
     assert_user_error(mm("tokenizer", tmp_path / "missing.jsonl", cwd=tmp_path), "missing.jsonl")
 
+    # Deterministic: the same input trains the same tokenizer, byte for byte.
+    r = mm("tokenizer", gz, "--vocab-size", 400, "--out", tmp_path / "tok2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / "tok" / name).read_bytes() == (tmp_path / "tok2" / name).read_bytes(), name
+
 
 def test_foreign_tokenizer_dirs(tiny_store, tmp_path):
     from pipeline.tokenizer_train import load_tokenizer
