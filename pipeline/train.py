@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -53,15 +53,15 @@ def train(
     check_train_params(tp)
     requested = device or ("cuda" if torch.cuda.is_available() else "cpu")
     world = distributed.init_world("cuda" if requested in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
-    stop = _StopRequest()
-    try:
-        return _train(tp, store_path, tokenizer_dir, model_path, resume, allow_data_change, requested, world, stop)
-    finally:
-        stop.restore()
-        distributed.close_world(world)
+    with ExitStack() as cleanup:  # undone in reverse order, however the run ends
+        cleanup.callback(distributed.close_world, world)
+        stop = _StopRequest()
+        cleanup.callback(stop.restore)
+        return _train(tp, store_path, tokenizer_dir, model_path, resume, allow_data_change, requested, world, stop, cleanup)
 
 
-def _train(tp: TrainParams, store_path, tokenizer_dir, model_path, resume, allow_data_change, requested, world, stop) -> dict:
+def _train(tp: TrainParams, store_path, tokenizer_dir, model_path, resume, allow_data_change, requested, world, stop,
+           cleanup: ExitStack) -> dict:
     # ------------------------------------------------------------------ device
     device = pick_device(requested, world.local_rank)
     amp_dtype = resolve_dtype(tp.dtype, device)
@@ -125,6 +125,7 @@ def _train(tp: TrainParams, store_path, tokenizer_dir, model_path, resume, allow
         note(f"nothing to do: {out_dir} already holds step {start_step} of {total_steps} (--resume none starts over)")
         return {"steps": start_step, "train_loss": loss, "val_loss": val_loss}
     display = Display(total_steps, start_step, tp.log_interval, enabled=world.is_main)
+    cleanup.callback(display.close)  # a live bar left running would leave the terminal's cursor hidden
     display.val_loss = val_loss
     train_log = MetricLog(out_dir / "train_log.tsv", TRAIN_COLUMNS, start_step) if world.is_main else None
     val_log = MetricLog(out_dir / "val_log.tsv", VAL_COLUMNS, start_step) if world.is_main else None
