@@ -42,7 +42,7 @@ from pipeline.model import ModelConfig
 
 TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
-# Sampling defaults written to generation_config.json (and used by `mm generate`).
+# Sampling defaults written to generation_config.json (the same values as `mm generate`'s option defaults).
 GENERATION_DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 50, "repetition_penalty": 1.0}
 
 

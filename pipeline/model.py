@@ -1,9 +1,9 @@
 """A decoder-only transformer in the MiniMind / Llama / Qwen3 family.
 
 Read top to bottom: config, RMSNorm, RoPE, attention (grouped-query, through
-scaled_dot_product_attention; on the CPU up to 1024 tokens the same math as
-three batched matmuls, which is 1.5-2x faster there), SwiGLU MLP, mixture of
-experts, block, model.
+scaled_dot_product_attention; on the CPU in bf16/fp16, when the scores are
+small, the same math as three batched matmuls, which is faster there), SwiGLU
+MLP, mixture of experts, block, model.
 Pure torch: nothing here imports the rest of the project, so parallelism,
 precision and compilation are applied from outside (see pipeline/train.py).
 
@@ -74,7 +74,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise and scale in fp32 even under autocast (one fused kernel), return the input dtype.
-        return F.rms_norm(x.float(), (x.size(-1),), self.weight, self.eps).type_as(x)
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,18 +94,26 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
-# Up to this length the T×T scores are small enough to materialise (17 MB per layer at
-# batch 4 × 8 heads × 512); beyond it the flash kernel's O(T) memory wins.
-CPU_MATMUL_ATTENTION_MAX_LEN = 1024
+# Largest B·H·T·T score tensor worth materialising (kept for backward: 64 MiB per layer
+# in bf16); beyond it the flash kernel's O(T) memory wins. Batch 4 × 8 heads × 512² = 8M.
+CPU_MATMUL_ATTENTION_MAX_SCORES = 2**25
+
+
+def use_matmul_attention(q) -> bool:
+    """Half precision on a CPU with small scores: there torch's CPU flash kernel is the slower
+    choice (34 % of a minimind2-small step for 14 % of its FLOPs; docs/training.md). In fp32
+    the flash kernel is faster, and on GPUs SDPA's kernels are the ones to use."""
+    B, H, T, _ = q.shape
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and B * H * T * T <= CPU_MATMUL_ATTENTION_MAX_SCORES
 
 
 def causal_attention_cpu(q, k, v):
     """Causal grouped-query attention as three batched matmuls: q (B, H, T, hd), k, v (B, KV, T, hd).
 
-    On CPUs with AMX this beats torch's CPU flash-attention kernel by ~1.5x at
-    T = 512 (bench/bench_train.py): the matmuls run at matmul speed, and the
-    causal mask rides along as the additive input of baddbmm. Each KV head's
-    query heads are stacked along the rows, so K and V are never repeated.
+    The matmuls run at matmul speed (AMX), and the causal mask rides along as
+    the additive input of baddbmm. Each KV head's query heads are stacked along
+    the rows, so K and V are never repeated (query head h uses KV head h // G,
+    as SDPA's enable_gqa). tests/test_model.py pins it to SDPA.
     """
     B, H, T, hd = q.shape
     KV = k.size(1)
@@ -164,7 +172,7 @@ class Attention(nn.Module):
             causal = False
             mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
 
-        if causal and x.device.type == "cpu" and T <= CPU_MATMUL_ATTENTION_MAX_LEN:
+        if causal and use_matmul_attention(q):
             y = causal_attention_cpu(q, k, v)
         else:
             # Grouped-query attention: each KV head serves n_heads / n_kv_heads query heads.

@@ -129,6 +129,9 @@ def _train(tp: TrainParams, store_path, tokenizer_dir, model_path, resume, allow
     display.val_loss = val_loss
     train_log = MetricLog(out_dir / "train_log.tsv", TRAIN_COLUMNS, start_step) if world.is_main else None
     val_log = MetricLog(out_dir / "val_log.tsv", VAL_COLUMNS, start_step) if world.is_main else None
+    for log in (train_log, val_log):
+        if log is not None:
+            cleanup.callback(log.close)
     flops = flops_per_token(model_config, tp.seq_len)
     peak = peak_flops(device, amp_dtype) * world.size if world.is_main else 1.0
     nan_steps = injected_nan_steps()
@@ -247,7 +250,6 @@ def _train(tp: TrainParams, store_path, tokenizer_dir, model_path, resume, allow
             break
 
     # ------------------------------------------------------------------ done
-    display.close()
     elapsed = time.perf_counter() - run_start
     steps_run = step - start_step
     metrics = {
@@ -259,9 +261,7 @@ def _train(tp: TrainParams, store_path, tokenizer_dir, model_path, resume, allow
     }
     if world.is_main:
         write_metrics(out_dir / "metrics.json", metrics)
-        train_log.close()
-        val_log.close()
-        write_loss_png(out_dir)
+        write_loss_png(out_dir)  # the logs are flushed row by row; the cleanup closes them
     return metrics
 
 
@@ -378,8 +378,9 @@ def read_tokenizer_dir(path: Path) -> tuple[dict[str, str], str]:
     Decoded from bytes, not read as text: newline translation would change the
     fingerprint of a CRLF tokenizer.json once exported.
     """
-    _, info = load_tokenizer(path)  # validates the directory; UserError names it
-    files = {name: (path / name).read_bytes().decode("utf-8") for name in TOKENIZER_FILES if (path / name).is_file()}
+    _, info = load_tokenizer(path)  # validates it; UserError names it
+    directory = Path(info["path"])  # the directory, also when given the path of tokenizer.json
+    files = {name: (directory / name).read_bytes().decode("utf-8") for name in TOKENIZER_FILES if (directory / name).is_file()}
     return files, info["fingerprint"]
 
 

@@ -55,13 +55,13 @@ def main() -> None:
         # A path the user gave that cannot be read or written (a directory, no permission, ...).
         if e.filename is None:
             raise
-        print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        print(f"error: {_rank_prefix()}{e.filename}: {e.strerror or e}", file=sys.stderr)
         sys.exit(1)
 
 
 def _rank_prefix() -> str:
     """Under torchrun with several processes, say which rank failed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
         return f"rank {os.environ.get('RANK', '?')}: "
     return ""
 
