@@ -43,27 +43,53 @@ def _register() -> None:
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 1."""
+    _exit(_run())
+
+
+def _run() -> int:
     from pipeline.errors import UserError
 
     _register()
     try:
         app(standalone_mode=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except UserError as e:
         print(f"error: {_rank_prefix()}{e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     except OSError as e:
         # A path the user gave that cannot be read or written (a directory, no permission, ...).
         if e.filename is None:
             raise
         print(f"error: {_rank_prefix()}{e.filename}: {e.strerror or e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+def _exit(code: int) -> None:
+    """Exit; a torchrun worker skips the interpreter's teardown.
+
+    At teardown the garbage collector frees DDP's reducer and with it the gloo
+    process group, whose destructor waits for its worker threads while holding
+    the GIL, and a worker thread finishing a collective waits for the GIL: the
+    rank hangs forever after its work is done (seen in CI). Everything a rank
+    writes is already flushed, fsynced and renamed by then, so skipping the
+    teardown loses nothing.
+    """
+    if _distributed_worker():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _distributed_worker() -> bool:
+    return os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")
 
 
 def _rank_prefix() -> str:
     """Under torchrun with several processes, say which rank failed."""
-    if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
-        return f"rank {os.environ.get('RANK', '?')}: "
-    return ""
+    return f"rank {os.environ.get('RANK', '?')}: " if _distributed_worker() else ""
 
 
 if __name__ == "__main__":
