@@ -160,10 +160,6 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
     return params
 
 
-def as_dict(obj) -> dict:
-    return dataclasses.asdict(obj)
-
-
 def _section(params: Params, name: str, source: str):
     if name not in {f.name for f in dataclasses.fields(Params)}:
         known = ", ".join(f.name for f in dataclasses.fields(Params))
