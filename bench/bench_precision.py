@@ -37,7 +37,7 @@ from pipeline.train import train
 def prepare_data(work: Path, vocab: int) -> tuple[Path, Path]:
     from pipeline.corpus import write_sample
     from pipeline.tokenize import tokenize_files
-    from pipeline.tokenizer_train import train_tokenizer
+    from pipeline.tokenizer import train_tokenizer
 
     corpus, tokenizer, store = work / "sample.jsonl", work / "tokenizer", work / "tokens.zarr"
     if not store.exists():
@@ -94,7 +94,7 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     store, tokenizer = (args.data, args.tokenizer) if args.data else prepare_data(args.work, args.vocab)
-    from pipeline.tokenizer_train import load_tokenizer
+    from pipeline.tokenizer import load_tokenizer
 
     overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set_model)}
     config = build_config(args.preset, load_tokenizer(tokenizer)[1]["vocab_size"], overrides)

@@ -110,7 +110,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from pipeline.corpus import iter_docs
-    from pipeline.tokenizer_train import train_tokenizer
+    from pipeline.tokenizer import train_tokenizer
 
     work = a.dir or Path(tempfile.mkdtemp(prefix="bench_tokenize_"))
     work.mkdir(parents=True, exist_ok=True)

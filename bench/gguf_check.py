@@ -39,7 +39,7 @@ def fabricate(root: Path) -> list[Path]:
     from pipeline.checkpoint import save_checkpoint
     from pipeline.corpus import write_sample
     from pipeline.model import Transformer
-    from pipeline.tokenizer_train import load_tokenizer, train_tokenizer
+    from pipeline.tokenizer import load_tokenizer, train_tokenizer
 
     corpus = root / "sample.jsonl"
     write_sample(corpus)

@@ -236,9 +236,9 @@ def config_from_hf(doc: dict, source: str) -> ModelConfig:
 
 def tokenizer_files(state: dict, source: str) -> tuple[dict[str, str], dict]:
     """The checkpoint's tokenizer files, tokenizer_config.json completed for transformers
-    4.x/5.x and llama.cpp, and the tokenizer's info (`tokenizer_train.tokenizer_from_files`:
+    4.x/5.x and llama.cpp, and the tokenizer's info (`tokenizer.tokenizer_from_files`:
     bos/eos/pad ids and strings, whatever tokenizer the model was trained with)."""
-    from pipeline.tokenizer_train import tokenizer_from_files
+    from pipeline.tokenizer import tokenizer_from_files
 
     files = dict(state.get("tokenizer") or {})
     _, info = tokenizer_from_files(files, f"{source} tokenizer")

@@ -46,9 +46,9 @@ class LoadedModel:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """A Transformer and its tokenizer from a ckpt.pth or from an `mm export` directory.
 
-    BOS/EOS are the tokenizer's own (`tokenizer_train.tokenizer_from_files`), so a
+    BOS/EOS are the tokenizer's own (`tokenizer.tokenizer_from_files`), so a
     model trained with a GPT-2/Qwen-style tokenizer (EOS doubling as BOS) works too."""
-    from pipeline.tokenizer_train import load_tokenizer, tokenizer_from_files
+    from pipeline.tokenizer import load_tokenizer, tokenizer_from_files
 
     path = Path(path)
     if not path.exists():

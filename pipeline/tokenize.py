@@ -1,4 +1,4 @@
-"""Raw JSONL → the packed token store (`tokens.zarr`) of DESIGN.md.
+"""Raw JSONL → the packed token store (`tokens.zarr`, layout in `pipeline.token_store`).
 
 How it runs:
 
@@ -26,13 +26,10 @@ in one chunk gets a chunk shape equal to its length, so there is no padding.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import os
 import shutil
 import time
-import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,127 +37,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.token_store import ATTRS_CHECKSUM, FORMAT_NAME, FORMAT_VERSION, attrs_checksum
-CHUNK_TOKENS = 2**24
-"""Tokens per chunk file (32 MiB of uint16): large, so the trainer maps few files."""
-OFFSET_CHUNK = 2**21
-"""Entries per doc_offsets chunk (16 MiB of int64)."""
-BATCH_BYTES = 1 << 18
-"""Raw bytes of input per batch sent to a worker: small enough that the last batch
-of a file (when the other workers are already idle) costs little."""
+from pipeline.readers import BATCH_BYTES, REASONS, check_inputs, iter_blocks, parse_line, split_lines
+from pipeline.store_writer import ChunkWriter
+from pipeline.token_store import (ATTRS_CHECKSUM, CHUNK_TOKENS, FORMAT_NAME, FORMAT_VERSION, OFFSET_CHUNK,
+                                  attrs_checksum, token_dtype, write_metadata)
+
 FIRST_LINES_KEPT = 5
 """Line numbers remembered per rejection reason."""
-BOM = b"\xef\xbb\xbf"
-REASONS = ("empty_line", "not_utf8", "not_json", "not_object", "missing_field", "not_string", "empty_text")
-"""Why a line is rejected: blank line; invalid UTF-8 (or a lone surrogate escape);
-not JSON; JSON but not an object; no text field; text not a string; empty text."""
-
-
-# --------------------------------------------------------------------------- lines
-
-
-def split_lines(data: bytes, first_line_no: int) -> list[bytes]:
-    """A block from `iter_blocks` → its lines (no newlines; the file's BOM stripped from line 1)."""
-    lines = data.split(b"\n")
-    if data.endswith(b"\n"):
-        lines.pop()
-    if first_line_no == 1 and lines and lines[0].startswith(BOM):
-        lines[0] = lines[0][len(BOM):]
-    return lines
-
-
-def parse_line(line: bytes, text_field: str) -> tuple[str | None, bytes | None, str | None]:
-    """One raw line (no newline, no BOM) → (text, its UTF-8 bytes, None) or (None, None, reason)."""
-    if line.endswith(b"\r"):
-        line = line[:-1]
-    if not line.strip():
-        return None, None, "empty_line"
-    try:
-        s = line.decode("utf-8")
-    except UnicodeDecodeError:
-        return None, None, "not_utf8"
-    try:
-        obj = json.loads(s)
-    except (ValueError, RecursionError):
-        return None, None, "not_json"
-    if not isinstance(obj, dict):
-        return None, None, "not_object"
-    if text_field not in obj:
-        return None, None, "missing_field"
-    text = obj[text_field]
-    if not isinstance(text, str):
-        return None, None, "not_string"
-    if not text:
-        return None, None, "empty_text"
-    try:
-        utf8 = text.encode("utf-8")
-    except UnicodeEncodeError:  # "\ud800": valid JSON, not valid Unicode
-        return None, None, "not_utf8"
-    return text, utf8, None
-
-
-class _HashingReader:
-    """A binary file wrapper that hashes and counts every byte read through it."""
-
-    def __init__(self, f):
-        self.f = f
-        self.sha = hashlib.sha256()
-        self.pos = 0
-
-    def read(self, n: int = -1) -> bytes:
-        b = self.f.read(n)
-        self.sha.update(b)
-        self.pos += len(b)
-        return b
-
-    def drain(self) -> None:
-        while self.read(1 << 22):
-            pass
-
-
-def check_inputs(paths: list[Path]) -> None:
-    for p in paths:
-        if not p.exists():
-            raise UserError(f"{p}: input file not found")
-        if not p.is_file():
-            raise UserError(f"{p}: not a file")
-
-
-def iter_blocks(path: Path, block_bytes: int = BATCH_BYTES):
-    """Yield (raw_pos, first_line_no, data) for `path`: data holds whole lines only.
-
-    `raw_pos` is how far into the file on disk reading has got (progress);
-    lines are numbered from 1. The last block may lack a final newline. The
-    reader object is returned when the generator finishes (StopIteration.value).
-    """
-    raw = open(path, "rb")
-    reader = _HashingReader(raw)
-    src = gzip.GzipFile(fileobj=reader, mode="rb") if path.name.endswith(".gz") else reader
-    try:
-        line_no = 1
-        parts: list[bytes] = []  # a line longer than a block accumulates here
-        while True:
-            try:
-                block = src.read(block_bytes)
-            except (OSError, EOFError, zlib.error) as e:  # zlib.error: a corrupt gzip stream
-                raise UserError(f"{path}: cannot read ({e})") from None
-            if not block:
-                break
-            cut = block.rfind(b"\n")
-            if cut < 0:
-                parts.append(block)
-                continue
-            data = b"".join(parts) + block[: cut + 1] if parts else block[: cut + 1]
-            parts = [block[cut + 1 :]] if cut + 1 < len(block) else []
-            yield reader.pos, line_no, data
-            line_no += data.count(b"\n")
-        tail = b"".join(parts)
-        if tail:
-            yield reader.pos, line_no, tail
-        reader.drain()  # gzip may stop before trailing bytes; the hash covers the whole file
-    finally:
-        raw.close()
-    return reader
 
 
 # --------------------------------------------------------------------------- workers
@@ -224,51 +107,6 @@ def _encode(task: tuple[int, bytes]) -> dict:
 # --------------------------------------------------------------------------- writing
 
 
-class _ChunkWriter:
-    """Appends a 1-D array as raw little-endian chunk files `DIR/c/0`, `DIR/c/1`, ..."""
-
-    def __init__(self, directory: Path, dtype: np.dtype, chunk_len: int):
-        self.dir = directory / "c"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.chunk_len = chunk_len
-        self.n = 0
-        self.index = 0
-        self.in_chunk = 0
-        self.f = None
-
-    def append(self, arr: np.ndarray) -> None:
-        arr = np.ascontiguousarray(arr, dtype=self.dtype)
-        while arr.size:
-            if self.f is None:
-                self.f = open(self.dir / str(self.index), "wb")
-                self.in_chunk = 0
-            take = min(self.chunk_len - self.in_chunk, arr.size)
-            self.f.write(arr[:take].tobytes())
-            self.in_chunk += take
-            self.n += take
-            arr = arr[take:]
-            if self.in_chunk == self.chunk_len:
-                self.f.close()
-                self.f = None
-                self.index += 1
-
-    def finish(self) -> tuple[int, int]:
-        """Close; returns (length, chunk shape). Pads a partial last chunk when there are several."""
-        if self.f is not None:
-            self.f.close()
-            self.f = None
-            if self.index > 0:  # several chunks: the last is stored full size (spec)
-                with open(self.dir / str(self.index), "r+b") as f:
-                    f.truncate(self.chunk_len * self.dtype.itemsize)
-            self.index += 1
-        if self.n == 0:
-            return 0, self.chunk_len
-        if self.index == 1:
-            return self.n, self.n  # one chunk holding exactly the data: no padding
-        return self.n, self.chunk_len
-
-
 def _result(future, path: Path) -> dict:
     from concurrent.futures.process import BrokenProcessPool
 
@@ -291,14 +129,10 @@ def _abort(pool) -> None:
         p.join()
 
 
-def token_dtype(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= 2**16 else "uint32"
-
-
 @dataclass
 class _Split:
-    tokens: _ChunkWriter
-    offsets: _ChunkWriter
+    tokens: ChunkWriter
+    offsets: ChunkWriter
     docs: int = 0
     bytes: int = 0
     end: int = 0
@@ -353,7 +187,7 @@ def tokenize_files(
     is byte-identical for any value. `val_fraction` has no default here: the one
     default is params' data.val_fraction (`mm tokenize`). `chunk_tokens` and `batch_bytes` exist for tests.
     """
-    from pipeline.tokenizer_train import load_tokenizer
+    from pipeline.tokenizer import load_tokenizer
 
     inputs = [Path(p) for p in inputs]
     out = Path(out)
@@ -380,8 +214,8 @@ def tokenize_files(
             info["bos_id"], info["eos_id"], dtype)
     try:
         splits = {
-            name: _Split(_ChunkWriter(staging / name / "tokens", dtype, chunk_tokens),
-                         _ChunkWriter(staging / name / "doc_offsets", "int64", OFFSET_CHUNK))
+            name: _Split(ChunkWriter(staging / name / "tokens", dtype, chunk_tokens),
+                         ChunkWriter(staging / name / "doc_offsets", "int64", OFFSET_CHUNK))
             for name in ("train", "val")
         }
         for sp in splits.values():
@@ -495,7 +329,7 @@ def tokenize_files(
         }
         attrs[ATTRS_CHECKSUM] = attrs_checksum(attrs)  # open_store refuses hand-edited attributes
         store = work / "store"
-        _write_metadata(store, attrs, dtype, shapes)
+        write_metadata(store, attrs, dtype, shapes)
         for name in ("train", "val"):
             for arr in ("tokens", "doc_offsets"):
                 os.rename(staging / name / arr / "c", store / name / arr / "c")
@@ -506,33 +340,3 @@ def tokenize_files(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {**attrs, "seconds": time.perf_counter() - t0, "path": str(out)}
-
-
-def _write_metadata(store: Path, attrs: dict, dtype: str, shapes: dict) -> None:
-    """zarr.json for the group and every array, as the Zarr v3 spec defines them.
-
-    Written directly (the same documents zarr-python 3 writes for these arrays)
-    rather than through zarr-python, whose import alone costs a second or more
-    on every run; the tests read every store back with `zarr.open_group`.
-    """
-
-    def write(path: Path, meta: dict) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "zarr.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-    write(store, {"attributes": attrs, "zarr_format": 3, "node_type": "group"})
-    for name, arrays in shapes.items():
-        write(store / name, {"attributes": {}, "zarr_format": 3, "node_type": "group"})
-        for arr, (length, chunk) in arrays.items():
-            write(store / name / arr, {
-                "shape": [length],
-                "data_type": dtype if arr == "tokens" else "int64",
-                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk]}},
-                "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-                "fill_value": 0,
-                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
-                "attributes": {},
-                "zarr_format": 3,
-                "node_type": "array",
-                "storage_transformers": [],
-            })

@@ -35,7 +35,7 @@ from pipeline.plots import write_loss_png
 from pipeline.progress import TRAIN_COLUMNS, VAL_COLUMNS, Display, MetricLog, write_metrics
 from pipeline.sampler import WindowSampler, eval_windows
 from pipeline.token_store import open_store
-from pipeline.tokenizer_train import TOKENIZER_FILES, load_tokenizer
+from pipeline.tokenizer import TOKENIZER_FILES, load_tokenizer
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; rerun to resume
 

@@ -22,7 +22,7 @@ def config(
     from rich.table import Table
 
     from pipeline.architecture import build_config, count_params, flops_per_token, memory_bytes, save_model_json
-    from pipeline.tokenizer_train import load_tokenizer
+    from pipeline.tokenizer import load_tokenizer
 
     p = load(params, set)
     name = preset or p.model.preset

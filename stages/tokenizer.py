@@ -20,7 +20,7 @@ def tokenizer(
 ) -> None:
     """Train a byte-level BPE tokenizer (Hugging Face format) on JSONL text."""
     p = load(params, set_)
-    from pipeline.tokenizer_train import train_tokenizer
+    from pipeline.tokenizer import train_tokenizer
 
     info = train_tokenizer(
         raw or [Path(p.data.raw)],

@@ -31,7 +31,7 @@ class TinyData:
 def tiny_store(tmp_path_factory) -> TinyData:
     from pipeline.corpus import write_sample
     from pipeline.tokenize import tokenize_files
-    from pipeline.tokenizer_train import train_tokenizer
+    from pipeline.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_data")
     corpus = root / "sample.jsonl"

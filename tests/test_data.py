@@ -97,7 +97,7 @@ def test_tokenizer_dir_loads_with_transformers(tiny_store):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from pipeline.tokenizer_train import load_tokenizer
+    from pipeline.tokenizer import load_tokenizer
 
     hf = AutoTokenizer.from_pretrained(str(tiny_store.tokenizer))
     assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2)
@@ -118,7 +118,7 @@ def test_tokenizer_cli_streams_jsonl_and_gz(tiny_store, tmp_path):
         g.write(f.read()[:300_000].rsplit(b"\n", 1)[0] + b"\n")
     r = mm("tokenizer", gz, "--vocab-size", 400, "--out", tmp_path / "tok", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    from pipeline.tokenizer_train import load_tokenizer
+    from pipeline.tokenizer import load_tokenizer
 
     _, info = load_tokenizer(tmp_path / "tok")
     assert info["vocab_size"] == 400 and info["bos_id"] == 1
@@ -132,7 +132,7 @@ def test_tokenizer_cli_streams_jsonl_and_gz(tiny_store, tmp_path):
 
 
 def test_foreign_tokenizer_dirs(tiny_store, tmp_path):
-    from pipeline.tokenizer_train import load_tokenizer
+    from pipeline.tokenizer import load_tokenizer
 
     # GPT-2 style: only an eos token → bos falls back to eos.
     d = tmp_path / "gpt2ish"

@@ -52,7 +52,7 @@ def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> None:
 def make_state(tokenizer_dir: Path, preset: str, overrides: dict, seed: int = 0) -> dict:
     from pipeline.architecture import build_config
     from pipeline.model import Transformer
-    from pipeline.tokenizer_train import load_tokenizer
+    from pipeline.tokenizer import load_tokenizer
 
     _, info = load_tokenizer(tokenizer_dir)
     config = build_config(preset, info["vocab_size"], {**SMALL, **overrides})
@@ -122,7 +122,7 @@ def test_export_loads_in_fresh_transformers_process_and_matches(exports, ckpts, 
     AutoTokenizer in a new process (no remote code); logits match mm within 1e-4; the
     exported tokenizer encodes mixed text exactly as the training tokenizer."""
     from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
-    from pipeline.tokenizer_train import load_tokenizer
+    from pipeline.tokenizer import load_tokenizer
 
     out = tmp_path / "hf.json"
     r = subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps({k: str(v) for k, v in exports.items()}),
@@ -230,7 +230,7 @@ def test_generate_from_export_equals_checkpoint_and_streams_utf8(ckpts, exports)
 
 def test_incremental_decoding_keeps_multibyte_characters_whole(tiny_store):
     from pipeline.generate import _IncrementalDecoder
-    from pipeline.tokenizer_train import load_tokenizer
+    from pipeline.tokenizer import load_tokenizer
 
     tok, _ = load_tokenizer(tiny_store.tokenizer)
     text = "中文 🌍🚀 naïve — done"
@@ -265,7 +265,7 @@ def test_eval_bits_per_byte_consistent(exports, ckpts, tiny_store, tmp_path):
     """Must-show 4b: bits/byte = loss·tokens / (ln 2 · bytes), with bytes those of the scored text;
     a checkpoint and its export score the same."""
     from pipeline.token_store import open_store
-    from pipeline.tokenizer_train import load_tokenizer
+    from pipeline.tokenizer import load_tokenizer
 
     out = tmp_path / "eval.json"
     r = mm("eval", exports["moe"], "--data", tiny_store.store, "--out", out, "--seq-len", 32,

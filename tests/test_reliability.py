@@ -431,7 +431,7 @@ def other_data(setup):
     """A second tokenizer (trained on part of the corpus) with its store, and a smaller store
     tokenized with the original tokenizer."""
     from pipeline.tokenize import tokenize_files
-    from pipeline.tokenizer_train import train_tokenizer
+    from pipeline.tokenizer import train_tokenizer
 
     root = setup.cwd / "other"
     root.mkdir()

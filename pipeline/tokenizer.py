@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer training, and loading any Hugging Face tokenizer dir.
+"""Tokenizers: loading any Hugging Face tokenizer dir, and training mm's byte-level BPE.
 
 The trained tokenizer follows MiniMind: byte-level pre-tokenization without a
 prefix space, special tokens at fixed ids `<|endoftext|>`=0 (pad),
@@ -16,22 +16,10 @@ import os
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.readers import check_inputs, iter_texts
 
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]  # ids 0, 1, 2 in this order
-
-
-def iter_texts(paths: list[Path], text_field: str = "text"):
-    """Stream the texts of valid lines from JSONL files (bad lines skipped silently;
-    `mm tokenize` is where they are counted)."""
-    from pipeline.tokenize import iter_blocks, parse_line, split_lines
-
-    for path in paths:
-        for _, line_no, data in iter_blocks(Path(path)):
-            for line in split_lines(data, line_no):
-                text, _, _ = parse_line(line, text_field)
-                if text is not None:
-                    yield text
 
 
 def train_tokenizer(
@@ -47,8 +35,6 @@ def train_tokenizer(
     Returns {"path", "vocab_size", "fingerprint"}.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from pipeline.tokenize import check_inputs
 
     inputs = [Path(p) for p in inputs]
     if not inputs:
