@@ -38,6 +38,7 @@ import torch
 from pipeline.checkpoint import model_config
 from pipeline.errors import UserError
 from pipeline.hardware import DTYPES
+from pipeline.manifest import write_manifest
 from pipeline.model import ModelConfig
 
 TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -301,6 +302,7 @@ def export_hf(state: dict, out_dir: str | Path, dtype: str = "fp32", source: str
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
         (tmp / "README.md").write_text(model_card(state, config, doc, dtype, tok), encoding="utf-8")
+        write_manifest(tmp)  # last: hashes of every file above, for `mm verify` and `sha256sum -c`
 
     _write_dir_atomically(out_dir, write)
     return out_dir

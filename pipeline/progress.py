@@ -77,6 +77,7 @@ class Display:
         self.total, self.log_interval, self.enabled = total_steps, log_interval, enabled
         self.start_step, self.t0 = start_step, time.perf_counter()
         self.val_loss = float("nan")
+        self.peak_source = "measured matmul peak"  # what MFU divides by (hardware.peak_source)
         self.live = enabled and sys.stderr.isatty()
         if self.live:
             from rich.console import Console
@@ -96,8 +97,9 @@ class Display:
     def step(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float, mfu: float) -> None:
         if not self.enabled:
             return
-        stats = (f"loss {loss:.4f}  val {self.val_loss:.4f}  lr {lr:.2e}  |g| {grad_norm:.2f}  "
-                 f"{tokens_per_s:,.0f} tok/s  MFU {100 * mfu:.1f}%")
+        val = f"  val {self.val_loss:.4f}" if math.isfinite(self.val_loss) else ""  # nothing until evaluated
+        stats = (f"loss {loss:.4f}{val}  lr {lr:.2e}  |g| {grad_norm:.2f}  "
+                 f"{tokens_per_s:,.0f} tok/s  MFU {100 * mfu:.1f}% vs {self.peak_source}")
         if self.live:
             self.bar.update(self.task, completed=step, stats=stats)
         elif step % self.log_interval == 0 or step == self.total:

@@ -39,6 +39,9 @@ def _register() -> None:
 
     app.command("config", help="Write the model architecture (model.json); print params and FLOPs.")(config.config)
     app.command("train", help="Pretrain: mixed precision, gradient accumulation, DDP/FSDP, exact resume.")(train.train)
+    from stages import verify
+
+    app.command("verify", help="Check a token store, checkpoint or export byte for byte; exit 1 naming the first bad file.")(verify.verify)
 
 
 def main() -> None:

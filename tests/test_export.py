@@ -149,7 +149,7 @@ def test_export_loads_in_fresh_transformers_process_and_matches(exports, ckpts, 
 def test_export_dir_contents(exports):
     d = exports["plain"]
     assert sorted(p.name for p in d.iterdir()) == sorted([
-        "README.md", "config.json", "generation_config.json", "model.safetensors",
+        "README.md", "SHA256SUMS", "config.json", "generation_config.json", "model.safetensors",
         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"])
     config = json.loads((d / "config.json").read_text())
     assert config["tie_word_embeddings"] is True and config["head_dim"] == 16

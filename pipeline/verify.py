@@ -1,0 +1,202 @@
+"""`mm verify PATH`: read every byte of a token store, a checkpoint or an export and check it.
+
+Opening a store or loading a checkpoint for training checks what is cheap (sizes,
+attributes, the checkpoint's own checksum); this reads everything and
+recomputes every hash that was recorded when the files were written:
+
+    token store    each chunk file's sha256 (where the store records them), every
+                   token id < vocab_size, doc offsets non-decreasing from 0 to the
+                   token count
+    checkpoint     the sha256 over its contents that save_checkpoint stored in it
+    run directory  every checkpoint in it (step files and ckpt.pth)
+    export         every file listed in SHA256SUMS (written by `mm export`), and the
+                   safetensors header against the file size
+
+The result is a list of rows, one per file or array checked; the caller prints
+them and names the first bad file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.manifest import MANIFEST, file_sha256, read_manifest
+
+
+@dataclass
+class Row:
+    path: Path
+    """The file (or array directory) this row is about; for a failure, the first bad file."""
+    check: str
+    ok: bool
+    detail: str
+
+
+def verify(path: str | Path) -> tuple[str, list[Row]]:
+    """(kind, rows) for whatever `path` is; UserError when it is none of the known kinds."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: not found")
+    if path.is_file():
+        return "checkpoint", [verify_checkpoint(path)]
+    if (path / "zarr.json").is_file():
+        return "token store", verify_store(path)
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return "export", verify_export(path)
+    from pipeline.checkpoint import LATEST, step_checkpoints
+
+    checkpoints = [p for _, p in sorted(step_checkpoints(path))] + [p for p in [path / LATEST] if p.is_file()]
+    if checkpoints:
+        return "run directory", [verify_checkpoint(p) for p in checkpoints]
+    raise UserError(f"{path}: not a token store, checkpoint, run directory or export directory")
+
+
+def _failed(e: UserError, fallback: Path, check: str) -> Row:
+    """A Row from a UserError, whose message starts with the path it is about."""
+    where, sep, reason = str(e).partition(": ")
+    return Row(Path(where) if sep else fallback, check, False, reason if sep else str(e))
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+
+
+def verify_checkpoint(path: Path) -> Row:
+    from pipeline.checkpoint import load_checkpoint
+
+    try:
+        state = load_checkpoint(path)
+    except UserError as e:
+        return _failed(e, path, "checkpoint checksum")
+    return Row(path, "checkpoint checksum", True, f"step {state['step']}, sha256 of the contents matches")
+
+
+# ---------------------------------------------------------------------------
+# Token stores
+# ---------------------------------------------------------------------------
+
+
+def verify_store(root: Path) -> list[Row]:
+    from pipeline.token_store import SPLITS, open_store
+
+    try:
+        store = open_store(root)
+    except UserError as e:
+        return [_failed(e, root, "store layout and attributes")]
+    rows = [Row(root / "zarr.json", "store layout and attributes", True,
+                f"format {store.attrs['version']}, vocab {store.vocab_size}, {store.dtype.name}")]
+    for name in SPLITS:
+        split = getattr(store, name)
+        tokens_dir = root / name / "tokens"
+        rows.append(_check_chunks(tokens_dir, store.dtype, len(split.tokens), store.attrs,
+                                  f"{name}/tokens", vocab=store.vocab_size))
+        rows.append(_check_chunks(root / name / "doc_offsets", np.dtype("int64"), len(split.doc_offsets), store.attrs,
+                                  f"{name}/doc_offsets"))
+        rows.append(_check_offsets(root / name / "doc_offsets", np.asarray(split.doc_offsets), len(split.tokens)))
+    return rows
+
+
+def recorded_chunk_hashes(attrs: dict, array: str) -> dict[str, str]:
+    """{chunk index: sha256} the writer recorded for one array ("train/tokens"); {} if none."""
+    hashes = (attrs.get("chunk_sha256") or {}).get(array) or {}
+    return {str(k): str(v) for k, v in hashes.items()}
+
+
+def _check_chunks(array_dir: Path, dtype: np.dtype, length: int, attrs: dict, array: str, vocab: int | None = None) -> Row:
+    """Hash every chunk file of one array; with `vocab`, also check every token id is below it."""
+    meta = json.loads((array_dir / "zarr.json").read_text(encoding="utf-8"))
+    chunk_len = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+    expected = recorded_chunk_hashes(attrs, array)
+    n_chunks = -(-length // chunk_len) if length else 0
+    check = "chunk sha256" + (", token ids < vocab" if vocab is not None else "")
+    largest = -1
+    for i in range(n_chunks):
+        f = array_dir / "c" / str(i)
+        data = f.read_bytes()
+        if str(i) in expected:
+            if hashlib.sha256(data).hexdigest() != expected[str(i)]:
+                return Row(f, check, False, "sha256 differs from the one recorded when the store was written")
+        if vocab is not None:
+            valid = np.frombuffer(data, dtype=dtype.newbyteorder("<"))[: min(chunk_len, length - i * chunk_len)]
+            if valid.size:
+                top = int(valid.max())
+                if top >= vocab:
+                    pos = int(np.argmax(valid >= vocab))
+                    return Row(f, check, False, f"token id {int(valid[pos])} at position {i * chunk_len + pos} "
+                                                f"is not below vocab_size {vocab}")
+                largest = max(largest, top)
+    hashed = f"{len(expected)} of {n_chunks} chunk file(s) hashed and matching" if expected else \
+        f"{n_chunks} chunk file(s), no hashes recorded (store format {attrs.get('version')})"
+    ids = f"; largest id {largest} < {vocab}" if vocab is not None and largest >= 0 else ""
+    return Row(array_dir, check, True, hashed + ids)
+
+
+def _check_offsets(array_dir: Path, offsets: np.ndarray, n_tokens: int) -> Row:
+    check = "doc offsets monotone, in range"
+    if offsets.size == 0 or offsets[0] != 0 or offsets[-1] != n_tokens:
+        return Row(array_dir, check, False, f"offsets must run from 0 to the token count {n_tokens}")
+    steps = np.diff(offsets)
+    if steps.size and steps.min() < 0:
+        d = int(np.argmax(steps < 0))
+        return Row(array_dir, check, False, f"offset of document {d + 1} ({int(offsets[d + 1])}) is below "
+                                            f"document {d}'s ({int(offsets[d])})")
+    return Row(array_dir, check, True, f"{offsets.size - 1} documents over {n_tokens} tokens")
+
+
+# ---------------------------------------------------------------------------
+# Exports
+# ---------------------------------------------------------------------------
+
+
+def verify_export(directory: Path) -> list[Row]:
+    rows = []
+    manifest = directory / MANIFEST
+    if manifest.is_file():
+        try:
+            expected = read_manifest(manifest)
+        except ValueError as e:
+            return [Row(manifest, "sha256", False, str(e).partition(": ")[2])]
+        for name, digest in expected.items():
+            f = directory / name
+            if not f.is_file():
+                rows.append(Row(f, "sha256", False, f"listed in {MANIFEST} but missing"))
+            elif file_sha256(f) != digest:
+                rows.append(Row(f, "sha256", False, f"sha256 differs from the one {MANIFEST} recorded at export"))
+            else:
+                rows.append(Row(f, "sha256", True, f"matches {MANIFEST}"))
+    else:
+        rows.append(Row(manifest, "sha256", True, f"no {MANIFEST} (exported by an older mm): hashes not checked"))
+    for f in sorted(directory.glob("*.safetensors")):
+        rows.append(_check_safetensors(f))
+    return rows
+
+
+def _check_safetensors(path: Path) -> Row:
+    """The header parses and its tensors tile the data section exactly (catches truncation)."""
+    check = "safetensors header"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            return Row(path, check, False, "header length is not within the file (truncated?)")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return Row(path, check, False, "header is not valid JSON")
+    spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+    end = 0
+    for start, stop in spans:
+        if start != end or stop < start:
+            return Row(path, check, False, f"tensor data offsets are not contiguous at byte {start}")
+        end = stop
+    if 8 + n + end != size:
+        return Row(path, check, False, f"file is {size} bytes, the header describes {8 + n + end}")
+    return Row(path, check, True, f"{len(spans)} tensors, sizes consistent")

@@ -1,0 +1,32 @@
+"""`mm verify PATH`: check a token store, a checkpoint (or a run directory of them) or an export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def verify(
+    path: Annotated[Path, typer.Argument(help="Token store, checkpoint, run directory or export directory.")],
+) -> None:
+    """Recompute every recorded hash and check token ids and offsets; exit 1 naming the first bad file."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from pipeline.errors import UserError
+    from pipeline.verify import verify as run_checks
+
+    kind, rows = run_checks(path)
+    table = Table(title=f"{path} ({kind})")
+    for col in ("file", "check", "result"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        mark = "[green]ok[/green]" if row.ok else "[red]BAD[/red]"
+        table.add_row(escape(str(row.path)), row.check, f"{mark}  {escape(row.detail)}")
+    Console().print(table)
+    bad = next((row for row in rows if not row.ok), None)
+    if bad is not None:
+        raise UserError(f"{bad.path}: {bad.detail}")
