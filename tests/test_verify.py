@@ -47,7 +47,7 @@ def artifacts(tiny_store, tmp_path_factory) -> dict[str, Path]:
     from pipeline.checkpoint import save_checkpoint
     from pipeline.export import export_hf
     from pipeline.model import Transformer
-    from pipeline.tokenizer_train import TOKENIZER_FILES, load_tokenizer
+    from pipeline.tokenizer import TOKENIZER_FILES, load_tokenizer
 
     root = tmp_path_factory.mktemp("verify")
     _, info = load_tokenizer(tiny_store.tokenizer)
