@@ -84,45 +84,109 @@ def verify_checkpoint(path: Path) -> Row:
 
 
 def verify_store(root: Path) -> list[Row]:
-    from pipeline.token_store import SPLITS, open_store
+    """Format 1 (one train/val pair at the root) and format 2 (sources of parts, each a train/val pair)."""
+    from pipeline import token_store as ts
 
+    meta_path = root / "zarr.json"
     try:
-        store = open_store(root)
-    except UserError as e:
-        return [_failed(e, root, "store layout and attributes")]
-    rows = [Row(root / "zarr.json", "store layout and attributes", True,
-                f"format {store.attrs['version']}, vocab {store.vocab_size}, {store.dtype.name}")]
-    for name in SPLITS:
-        split = getattr(store, name)
-        tokens_dir = root / name / "tokens"
-        rows.append(_check_chunks(tokens_dir, store.dtype, len(split.tokens), store.attrs,
-                                  f"{name}/tokens", vocab=store.vocab_size))
-        rows.append(_check_chunks(root / name / "doc_offsets", np.dtype("int64"), len(split.doc_offsets), store.attrs,
-                                  f"{name}/doc_offsets"))
-        rows.append(_check_offsets(root / name / "doc_offsets", np.asarray(split.doc_offsets), len(split.tokens)))
+        attrs = (json.loads(meta_path.read_text(encoding="utf-8")).get("attributes") or {})
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return [Row(meta_path, "store layout and attributes", False, "not valid JSON (group metadata)")]
+    if attrs.get("version") != getattr(ts, "STORE_VERSION", None):
+        try:
+            store = ts.open_store(root)  # format 1: layout, sizes, counts, attribute checksum
+        except UserError as e:
+            return [_failed(e, root, "store layout and attributes")]
+        rows = [Row(meta_path, "store layout and attributes", True,
+                    f"format {store.attrs['version']}, vocab {store.vocab_size}, {store.dtype.name}")]
+        return rows + _verify_part(root, store.dtype, store.vocab_size, {}, str(store.attrs.get("version")))
+
+    # Format 2: the root's attributes, then every part of every source on its own.
+    try:
+        dtype, vocab = np.dtype(attrs["dtype"]), int(attrs["tokenizer"]["vocab_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        return [Row(meta_path, "store layout and attributes", False, f"attributes incomplete or malformed ({e})")]
+    bad_attrs = _attrs_mismatch(attrs, meta_path)
+    if bad_attrs:
+        return [bad_attrs]
+    rows = [Row(meta_path, "store layout and attributes", True, f"format {attrs['version']}, vocab {vocab}, {dtype.name}")]
+    sources = ts.list_sources(root)
+    if not sources:
+        return rows + [Row(root, "sources", False, "no source in the store")]
+    for source in sources:
+        parts = ts.list_parts(root, source)
+        counts = {n for _, n in parts}
+        if len(counts) != 1 or sorted(i for i, _ in parts) != list(range(next(iter(counts)))):
+            rows.append(Row(root / source, "parts complete", False, f"parts {parts} are not 0..N-1 of one N"))
+            continue
+        for index, count in parts:
+            part = ts.part_dir(root, source, index, count)
+            part_meta = part / "zarr.json"
+            try:
+                part_attrs = json.loads(part_meta.read_text(encoding="utf-8")).get("attributes") or {}
+            except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+                rows.append(Row(part_meta, "part attributes", False, "missing or not valid JSON"))
+                continue
+            bad_attrs = _attrs_mismatch(part_attrs, part_meta)
+            if bad_attrs:
+                rows.append(bad_attrs)
+                continue
+            rows += _verify_part(part, dtype, vocab, part_attrs.get("chunk_sha256") or {}, str(attrs["version"]))
     return rows
 
 
-def recorded_chunk_hashes(attrs: dict, array: str) -> dict[str, str]:
-    """{chunk index: sha256} the writer recorded for one array ("train/tokens"); {} if none."""
-    hashes = (attrs.get("chunk_sha256") or {}).get(array) or {}
-    return {str(k): str(v) for k, v in hashes.items()}
+def _attrs_mismatch(attrs: dict, meta_path: Path) -> Row | None:
+    from pipeline.token_store import ATTRS_CHECKSUM, attrs_checksum
+
+    if attrs.get(ATTRS_CHECKSUM) != attrs_checksum(attrs):
+        return Row(meta_path, "attribute checksum", False, f"{ATTRS_CHECKSUM} missing or not matching the attributes")
+    return None
 
 
-def _check_chunks(array_dir: Path, dtype: np.dtype, length: int, attrs: dict, array: str, vocab: int | None = None) -> Row:
-    """Hash every chunk file of one array; with `vocab`, also check every token id is below it."""
+def _verify_part(root: Path, dtype: np.dtype, vocab: int, hashes: dict, version: str) -> list[Row]:
+    """The train/val arrays under `root`; `hashes` maps "train/tokens/c/0" to its recorded sha256."""
+    from pipeline.token_store import SPLITS, _open_array
+
+    rows = []
+    for name in SPLITS:
+        lengths = {}
+        for array, array_dtype, limit in (("tokens", dtype, vocab), ("doc_offsets", np.dtype("int64"), None)):
+            array_dir = root / name / array
+            try:
+                _, length, chunk_len = _open_array(array_dir, array_dtype)  # metadata and chunk file sizes
+            except UserError as e:
+                rows.append(_failed(e, array_dir, "array layout"))
+                return rows
+            lengths[array] = length
+            recorded = {key.rpartition("/c/")[2]: str(v) for key, v in hashes.items()
+                        if key.startswith(f"{name}/{array}/c/")}
+            rows.append(_check_chunks(array_dir, array_dtype, length, chunk_len, recorded, version, limit))
+            if not rows[-1].ok:
+                return rows
+        offsets = _read_array(root / name / "doc_offsets", lengths["doc_offsets"])
+        rows.append(_check_offsets(root / name / "doc_offsets", offsets, lengths["tokens"]))
+    return rows
+
+
+def _read_array(array_dir: Path, length: int) -> np.ndarray:
     meta = json.loads((array_dir / "zarr.json").read_text(encoding="utf-8"))
     chunk_len = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
-    expected = recorded_chunk_hashes(attrs, array)
+    n_chunks = -(-length // chunk_len) if length else 0
+    parts = [np.fromfile(array_dir / "c" / str(i), dtype="<i8") for i in range(n_chunks)]
+    return np.concatenate(parts)[:length] if parts else np.zeros(0, dtype=np.int64)
+
+
+def _check_chunks(array_dir: Path, dtype: np.dtype, length: int, chunk_len: int, expected: dict[str, str],
+                  version: str, vocab: int | None = None) -> Row:
+    """Hash every chunk file of one array; with `vocab`, also check every token id is below it."""
     n_chunks = -(-length // chunk_len) if length else 0
     check = "chunk sha256" + (", token ids < vocab" if vocab is not None else "")
     largest = -1
     for i in range(n_chunks):
         f = array_dir / "c" / str(i)
         data = f.read_bytes()
-        if str(i) in expected:
-            if hashlib.sha256(data).hexdigest() != expected[str(i)]:
-                return Row(f, check, False, "sha256 differs from the one recorded when the store was written")
+        if str(i) in expected and hashlib.sha256(data).hexdigest() != expected[str(i)]:
+            return Row(f, check, False, "sha256 differs from the one recorded when the store was written")
         if vocab is not None:
             valid = np.frombuffer(data, dtype=dtype.newbyteorder("<"))[: min(chunk_len, length - i * chunk_len)]
             if valid.size:
@@ -132,8 +196,10 @@ def _check_chunks(array_dir: Path, dtype: np.dtype, length: int, attrs: dict, ar
                     return Row(f, check, False, f"token id {int(valid[pos])} at position {i * chunk_len + pos} "
                                                 f"is not below vocab_size {vocab}")
                 largest = max(largest, top)
-    hashed = f"{len(expected)} of {n_chunks} chunk file(s) hashed and matching" if expected else \
-        f"{n_chunks} chunk file(s), no hashes recorded (store format {attrs.get('version')})"
+    if expected and len(expected) != n_chunks:
+        return Row(array_dir, check, False, f"{len(expected)} chunk hashes recorded for {n_chunks} chunk files")
+    hashed = f"{n_chunks} chunk file(s), sha256 matching" if expected else \
+        f"{n_chunks} chunk file(s), no hashes recorded (store format {version})"
     ids = f"; largest id {largest} < {vocab}" if vocab is not None and largest >= 0 else ""
     return Row(array_dir, check, True, hashed + ids)
 

@@ -24,8 +24,9 @@ def verify(
     for col in ("file", "check", "result"):
         table.add_column(col, overflow="fold")
     for row in rows:
+        shown = row.path.relative_to(path) if row.path.is_relative_to(path) and row.path != path else row.path
         mark = "[green]ok[/green]" if row.ok else "[red]BAD[/red]"
-        table.add_row(escape(str(row.path)), row.check, f"{mark}  {escape(row.detail)}")
+        table.add_row(escape(str(shown)), row.check, f"{mark}  {escape(row.detail)}")
     Console().print(table)
     bad = next((row for row in rows if not row.ok), None)
     if bad is not None:
