@@ -72,7 +72,8 @@ def check(ckpt: Path, work: Path, n_tokens: int) -> int:
 
     from pipeline.checkpoint import load_checkpoint
     from pipeline.export import export_gguf
-    from pipeline.generate import generate, load_model
+    from pipeline.generate import generate
+    from pipeline.model_loading import load_model
 
     state = load_checkpoint(ckpt)
     gguf_path = export_gguf(state, work / f"{ckpt.parent.name}.gguf", "fp32", source=str(ckpt))

@@ -98,7 +98,7 @@ def evaluate_model(model_path, store_path, seq_len: int, batches: int, batch_siz
     """`mm eval`: load a checkpoint or export, check it matches the store's tokenizer, score the val split.
 
     `device`: None/"auto", "cpu" or "cuda" (`hardware.pick_device`; anything else is a UserError)."""
-    from pipeline.generate import load_model
+    from pipeline.model_loading import load_model
     from pipeline.hardware import pick_device
     from pipeline.token_store import open_store
 

@@ -23,7 +23,8 @@ def export(
 
     from pipeline.errors import UserError
     from pipeline.checkpoint import load_checkpoint, model_config
-    from pipeline.export import ARCHITECTURES, export_gguf, export_hf, hf_model_type
+    from pipeline.export import export_gguf, export_hf
+    from pipeline.hf_format import ARCHITECTURES, hf_model_type
 
     p = load(params, set)
     dtype = dtype or p.export.dtype

@@ -172,7 +172,7 @@ def test_export_dir_contents(exports):
 def test_reexport_replaces_and_bf16(ckpts, tmp_path):
     from pipeline.checkpoint import load_checkpoint
     from pipeline.export import export_hf
-    from pipeline.generate import load_model
+    from pipeline.model_loading import load_model
 
     state = load_checkpoint(ckpts["qknorm"])
     d = export_hf(state, tmp_path / "e", "bf16")
@@ -193,7 +193,7 @@ def test_strict_mapping(ckpts, exports, tmp_path):
 
     from pipeline.checkpoint import load_checkpoint
     from pipeline.export import export_hf
-    from pipeline.generate import load_model
+    from pipeline.model_loading import load_model
 
     state = load_checkpoint(ckpts["plain"])
     state["model"]["layers.0.mlp.extra.weight"] = torch.zeros(3)
@@ -216,7 +216,8 @@ def test_strict_mapping(ckpts, exports, tmp_path):
 
 
 def test_generate_from_export_equals_checkpoint_and_streams_utf8(ckpts, exports):
-    from pipeline.generate import generate, load_model
+    from pipeline.generate import generate
+    from pipeline.model_loading import load_model
 
     a, b = load_model(ckpts["qknorm"]), load_model(exports["qknorm"])
     sa, sb = {}, {}
@@ -252,7 +253,8 @@ def test_generate_cli_same_seed_same_text(exports, ckpts):
         assert r.stdout.startswith("Once upon a time") and "tokens/s" in r.stderr
     assert runs[0].stdout == runs[1].stdout
 
-    from pipeline.generate import generate, load_model
+    from pipeline.generate import generate
+    from pipeline.model_loading import load_model
 
     def text(model, seed):
         return "".join(generate(load_model(model), "Once upon a time", 24, 1.0, 40, 0.9, 1.1, seed))
@@ -299,7 +301,7 @@ def test_user_errors(ckpts, tmp_path):
     from pipeline.checkpoint import load_checkpoint
     from pipeline.evaluate import evaluate_model
     from pipeline.export import export_gguf, export_hf
-    from pipeline.generate import load_model
+    from pipeline.model_loading import load_model
 
     with pytest.raises(UserError, match="version 99"):
         load_model(old)
@@ -327,7 +329,8 @@ def test_gpt2_style_tokenizer_ids_come_from_the_tokenizer(tiny_store, tmp_path):
     BOS and pad, as `mm tokenize` packed the documents; nothing assumes MiniMind's strings."""
     from pipeline.checkpoint import load_checkpoint, save_checkpoint
     from pipeline.export import export_hf
-    from pipeline.generate import generate, load_model
+    from pipeline.generate import generate
+    from pipeline.model_loading import load_model
 
     state = make_state(tiny_store.tokenizer, "tiny", {})
     state["tokenizer"] = {"tokenizer.json": state["tokenizer"]["tokenizer.json"],
@@ -357,7 +360,8 @@ def test_gguf_tensors(ckpts, tmp_path, name):
     """GGUF layout: llama arch with q/k rows permuted to interleaved RoPE; qwen3 (NeoX RoPE) as is."""
     gguf = pytest.importorskip("gguf")
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.export import export_gguf, permute_for_llama_cpp
+    from pipeline.export import export_gguf
+    from pipeline.gguf_writer import permute_for_llama_cpp
 
     state = load_checkpoint(ckpts[name])
     path = export_gguf(state, tmp_path / "m.gguf", "fp32")
@@ -381,7 +385,7 @@ def test_gguf_tensors(ckpts, tmp_path, name):
 
 def test_permutation_turns_rotate_half_into_interleaved_rope():
     """The permuted q/k under interleaved RoPE give the same attention scores as ours under rotate-half."""
-    from pipeline.export import permute_for_llama_cpp
+    from pipeline.gguf_writer import permute_for_llama_cpp
     from pipeline.model import apply_rope, rope_tables
 
     torch.manual_seed(0)
