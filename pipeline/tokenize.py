@@ -113,7 +113,7 @@ def _result(future, path: Path) -> dict:
     try:
         return future.result()
     except BrokenProcessPool:
-        raise RuntimeError(f"{path}: a tokenize worker process died (out of memory?)") from None
+        raise UserError(f"{path}: a tokenize worker process died (out of memory? try fewer --workers)") from None
 
 
 def _abort(pool) -> None:
@@ -210,7 +210,8 @@ def tokenize_files(
         shutil.rmtree(work)
     staging = work / "staging"
     t0 = time.perf_counter()
-    init = (str(Path(tokenizer_dir) / "tokenizer.json"), text_field, float(val_fraction),
+    tokenizer_json = Path(tokenizer_dir) if Path(tokenizer_dir).is_file() else Path(tokenizer_dir) / "tokenizer.json"
+    init = (str(tokenizer_json), text_field, float(val_fraction),
             info["bos_id"], info["eos_id"], dtype)
     try:
         splits = {

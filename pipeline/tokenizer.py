@@ -55,7 +55,9 @@ def train_tokenizer(
     )
     tok.train_from_iterator(iter_texts(inputs, text_field), trainer=trainer)
     for i, t in enumerate(SPECIAL_TOKENS):
-        assert tok.token_to_id(t) == i, f"special token {t} not at id {i}"
+        if tok.token_to_id(t) != i:  # not an assert: it must hold under `python -O` too, and never be a traceback
+            raise UserError(f"{out_dir}: special token {t} got id {tok.token_to_id(t)} instead of {i}; "
+                            "nothing was written")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,12 +115,13 @@ def load_tokenizer(directory: str | Path):
     for name in TOKENIZER_FILES[1:]:
         if (path.parent / name).is_file():
             files[name] = (path.parent / name).read_bytes()
-    return tokenizer_from_files(files, path.parent)
+    return tokenizer_from_files(files, path.parent, json_path=path)
 
 
-def tokenizer_from_files(files: dict, source: str | Path):
+def tokenizer_from_files(files: dict, source: str | Path, json_path: Path | None = None):
     """A tokenizer from its files' contents, {filename: str or bytes} (a directory's, or
-    the ones a checkpoint embeds); `source` names where they came from in errors.
+    the ones a checkpoint embeds); `source` names where they came from in errors, `json_path`
+    the tokenizer.json file read when it has another name (`--tokenizer my.json`).
 
     Returns (tokenizers.Tokenizer, info) with info = {fingerprint (sha256 of
     tokenizer.json), vocab_size (added tokens included), bos_id, eos_id, pad_id,
@@ -141,7 +144,7 @@ def tokenizer_from_files(files: dict, source: str | Path):
         tok = Tokenizer.from_str(raw.decode("utf-8"))
     except Exception as e:  # tokenizers raises a bare Exception on bad files
         first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-        raise UserError(f"{src / 'tokenizer.json'}: not a readable tokenizer ({first})") from None
+        raise UserError(f"{json_path or src / 'tokenizer.json'}: not a readable tokenizer ({first})") from None
 
     names: dict[str, str | None] = {"bos": None, "eos": None, "pad": None}
     for meta in TOKENIZER_FILES[1:]:

@@ -22,7 +22,8 @@ def train(
     resume: Annotated[str, typer.Option(help="auto (continue from out/ckpt.pth if present), none, or a checkpoint path.")] = "auto",
     allow_data_change: Annotated[bool, typer.Option(help="Resume even though the token store changed.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    gpus: Annotated[int, typer.Option(help="GPUs per node: relaunch under torchrun with one process each (NCCL).")] = 0,
+    gpus: Annotated[Optional[int], typer.Option(help="GPUs per node: relaunch under torchrun with one process each (NCCL); "
+                                                     "0 trains on the CPU (as --device cpu).")] = None,
     procs: Annotated[int, typer.Option(help="Processes per node on the CPU (gloo), for testing the distributed path anywhere.")] = 0,
     nodes: Annotated[int, typer.Option(help="Number of nodes (multi-node: run the same command on each).")] = 1,
     node_rank: Annotated[int, typer.Option(help="This node's rank, 0 .. nodes-1.")] = 0,
@@ -33,12 +34,31 @@ def train(
     params: ParamsOption = Path("params.yaml"),
     set: SetOption = None,
 ) -> None:
+    from pipeline.errors import UserError
+    from pipeline.runlock import run_lock
+
+    p = load(params, set)
+    # One writer per out_dir, locked before torch is imported so a second run is refused at once.
+    # Under torchrun started by hand rank 0 locks; on several nodes node 0's launcher does.
+    worker = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    with run_lock(Path(p.train.out_dir), enabled=not dry_run and (os.environ["RANK"] == "0" if worker else node_rank == 0)):
+        _train(p, data, tokenizer, model, resume, allow_data_change, device, gpus, procs, nodes, node_rank, master_addr,
+               master_port, rdzv_endpoint, dry_run, params, set)
+
+
+def _train(p, data, tokenizer, model, resume, allow_data_change, device, gpus, procs, nodes, node_rank, master_addr,
+           master_port, rdzv_endpoint, dry_run, params, set) -> None:
     from pipeline.distributed import launcher_command, under_launcher
     from pipeline.errors import UserError
 
-    p = load(params, set)
     if gpus and procs:
         raise UserError("--gpus and --procs: give one of them (GPUs use NCCL, CPU processes gloo)")
+    if gpus == 0:  # the CPU spelling: never a silent fallback from a GPU request
+        if device not in ("auto", "cpu"):
+            raise UserError(f"--gpus 0 trains on the CPU; it contradicts --device {device}")
+        device = "cpu"
+    elif gpus is not None and gpus < 0:
+        raise UserError(f"--gpus must be 0 (the CPU) or more, got {gpus}")
     if gpus:
         device = "cuda"
     elif procs and device == "auto":
@@ -84,7 +104,10 @@ def _run_launcher(cmd: list[str]) -> int:
     """Run torchrun in its own process group; pass stop signals to every process in it."""
     from pipeline.train import PREEMPTED_EXIT_CODE
 
-    child = subprocess.Popen(cmd, start_new_session=True)
+    from pipeline.runlock import held_fds
+
+    # torchrun inherits the out_dir lock: it stays held while torchrun lives, even if this process is killed.
+    child = subprocess.Popen(cmd, start_new_session=True, pass_fds=held_fds())
     forwarded: list[int] = []
 
     def forward(signum, frame):

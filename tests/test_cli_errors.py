@@ -1,0 +1,85 @@
+"""Mistakes a new user makes, tried as they would: each is one line naming what is wrong, never a traceback.
+
+Plus the small pieces of arithmetic whose off-by-ones such messages would not
+show: the GPU peak table's name matching and the progress line before the
+first evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mm(*args, cwd=REPO) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MM_INJECT_")} | {"PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def one_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_unknown_preset_is_named_before_the_missing_tokenizer(tmp_path):
+    one_error(mm("config", "--preset", "nosuch", "--tokenizer", tmp_path / "none", cwd=tmp_path),
+              "--preset: unknown preset 'nosuch'", "minimind2")
+
+
+def test_export_of_a_non_checkpoint_says_so_in_one_clause(tmp_path):
+    line = one_error(mm("export", REPO / "params.yaml", "--out", tmp_path / "export"),
+                     f"{REPO / 'params.yaml'}: not an mm checkpoint (not a zip archive")
+    assert "weights_only" not in line and len(line) < 200
+
+
+def test_tokenize_takes_a_tokenizer_json_file_and_names_a_bad_one(tiny_store, tmp_path):
+    corpus = tmp_path / "small.jsonl"
+    with open(tiny_store.corpus, encoding="utf-8") as f:
+        corpus.write_text("".join(line for _, line in zip(range(50), f)), encoding="utf-8")
+    r = mm("tokenize", corpus, "--tokenizer", tiny_store.tokenizer / "tokenizer.json", "--out", tmp_path / "t.zarr",
+           "--workers", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "t.zarr" / "zarr.json").is_file()
+
+    bad = tmp_path / "some.json"
+    bad.write_text(json.dumps({"not": "a tokenizer"}))
+    one_error(mm("tokenize", corpus, "--tokenizer", bad, "--out", tmp_path / "u.zarr"), f"{bad}: not a readable tokenizer")
+
+
+def test_gpus_0_is_the_cpu_spelling(tmp_path):
+    r = mm("train", "--gpus", "0", "--dry-run")
+    assert r.returncode == 0 and "(none: one process)" in r.stdout, r.stderr
+    one_error(mm("train", "--gpus", "0", "--device", "cuda", "--dry-run"), "--gpus 0 trains on the CPU")
+
+
+def test_gpu_peak_table_matches_whole_names():
+    from pipeline.hardware import datasheet_gpu
+
+    assert datasheet_gpu("NVIDIA L40") == "L40" and datasheet_gpu("NVIDIA L40S") == "L40S"
+    assert datasheet_gpu("NVIDIA L4") == "L4" and datasheet_gpu("NVIDIA A100-SXM4-80GB") == "A100"
+    assert datasheet_gpu("NVIDIA A10G") is None  # not an A10: measured instead of guessed
+
+
+def test_progress_line_shows_no_val_until_measured_and_names_the_peak(capsys):
+    from pipeline.progress import Display
+
+    display = Display(total_steps=2, start_step=0, log_interval=1, enabled=True)
+    display.step(1, 5.0, 1e-3, 1.0, 1000.0, 0.5)
+    display.val_loss = 4.5
+    display.step(2, 4.9, 1e-3, 1.0, 1000.0, 0.5)
+    first, second = capsys.readouterr().err.strip().splitlines()
+    assert "val" not in first and "nan" not in first
+    assert "val 4.5000" in second
+    assert "MFU 50.0% vs measured matmul peak" in first
