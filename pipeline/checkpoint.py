@@ -1,6 +1,6 @@
 """Checkpoints: atomic, checksummed, and safe to load.
 
-A checkpoint is one `torch.save`d dict (see `CHECKPOINT_KEYS`) of tensors and
+A checkpoint is one `torch.save`d dict (built by `checkpoint_state`) of tensors and
 plain Python values only, so `torch.load(weights_only=True)` reads it and a
 file crafted to run code when unpickled is refused, never executed.
 
@@ -14,8 +14,10 @@ to the newest checkpoint that verifies.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -31,22 +33,38 @@ VERSION = 1
 LATEST = "ckpt.pth"
 STEP_FILE = re.compile(r"step_(\d+)\.pth$")
 
-# What a checkpoint holds:
-#   format, version      "mm-checkpoint", 1
-#   step                 optimizer steps completed (= the data position, see DESIGN.md)
-#   model                fp32 state dict of pipeline.model.Transformer (HF-style names)
-#   optimizer, scaler    state dicts (scaler None unless fp16)
-#   rng                  torch CPU RNG state (nothing in training draws from CUDA's)
-#   model_config         dataclasses.asdict(ModelConfig)
-#   train_config         dataclasses.asdict(TrainParams)
-#   data                 tokenizer_sha256, store_fingerprint, vocab_size, seq_len, global_batch
-#   tokenizer            {file name: text} of the tokenizer directory, so export needs nothing else
-#   metrics              train_loss, val_loss, tokens_seen, skipped_steps, ...
-#   checksum             sha256 over everything above
 CHECKPOINT_KEYS = (
     "format", "version", "step", "model", "optimizer", "scaler", "rng",
     "model_config", "train_config", "data", "tokenizer", "metrics",
 )
+
+
+def checkpoint_state(
+    step: int, model_state: dict, optimizer_state: dict, scaler, model_config, train_config,
+    data: dict, tokenizer: dict[str, str], metrics: dict,
+) -> dict:
+    """What a checkpoint holds (one entry per CHECKPOINT_KEYS; `save_checkpoint` adds the checksum).
+
+    format, version      "mm-checkpoint", 1
+    step                 optimizer steps completed (= the data position, see pipeline/sampler.py)
+    model                fp32 state dict of pipeline.model.Transformer (HF-style names)
+    optimizer, scaler    state dicts (scaler None unless fp16)
+    rng                  torch CPU RNG state (nothing in training draws from CUDA's)
+    model_config         dataclasses.asdict(ModelConfig)
+    train_config         dataclasses.asdict(TrainParams)
+    data                 tokenizer_sha256, store_fingerprint, vocab_size, seq_len, global_batch
+    tokenizer            {file name: text} of the tokenizer directory, so export needs nothing else
+    metrics              train_loss, val_loss, tokens_seen, skipped_steps, ...
+    checksum             sha256 over everything above (added when saved)
+    """
+    return {
+        "format": FORMAT, "version": VERSION, "step": step,
+        "model": model_state, "optimizer": optimizer_state,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": {"torch": torch.get_rng_state()},
+        "model_config": dataclasses.asdict(model_config), "train_config": dataclasses.asdict(train_config),
+        "data": data, "tokenizer": tokenizer, "metrics": metrics,
+    }
 
 
 def step_path(out_dir: Path, step: int) -> Path:
@@ -79,7 +97,10 @@ def save_checkpoint(state: dict, out_dir: Path, keep_last: int) -> Path:
         # ("unexpected pos"); the writer kept the real one.
         cause = (writer.error if writer is not None and writer.error else None) or e
         tmp.unlink(missing_ok=True)
-        reason = os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno else str(cause).splitlines()[0][:200]
+        if isinstance(cause, OSError) and cause.errno:
+            reason = os.strerror(cause.errno)
+        else:
+            reason = str(cause).splitlines()[0][:200]
         raise UserError(f"{path}: saving the checkpoint failed ({reason}); the previous checkpoint is intact") from None
     _prune(out_dir, keep_last, state["step"])
     return path
@@ -107,7 +128,7 @@ class _Writer:
 
 
 def injected_save_fault(step: int) -> str | None:
-    """Fault injection for the reliability tests, like MM_INJECT_NAN_STEPS in pipeline/train.py.
+    """Fault injection for the reliability tests, like MM_INJECT_NAN_STEPS in pipeline/run_setup.py.
 
     MM_INJECT_SAVE_FAULT=6:kill,9:enospc: while saving step 6 the process SIGKILLs itself
     after the temporary file is complete but before the rename; saving step 9 fails with
@@ -190,7 +211,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path}: not an mm checkpoint (no format '{FORMAT}')")
     if state.get("version") != VERSION:
-        raise UserError(f"{path}: checkpoint format version {state.get('version')} is not supported (this mm reads {VERSION})")
+        raise UserError(f"{path}: checkpoint format version {state.get('version')} is not supported "
+                        f"(this mm reads {VERSION})")
     missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
         raise UserError(f"{path}: checkpoint lacks field(s) {', '.join(missing)}")
@@ -221,6 +243,55 @@ def find_resumable(out_dir: Path, warn=print) -> dict | None:
         state["path"] = str(path)
         return state
     return None
+
+
+def pick_checkpoint(resume: str, out_dir: Path, warn) -> dict | None:
+    """The checkpoint `--resume` names: none, auto (newest in out_dir that verifies) or a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        if not out_dir.exists():
+            return None
+        state = find_resumable(out_dir, warn)
+        if state is None and (step_checkpoints(out_dir) or (out_dir / LATEST).exists()):
+            # Never quietly start a long run over because its checkpoints are damaged.
+            raise UserError(f"{out_dir}: none of its checkpoints verifies (reasons above); move them away, "
+                            "or pass --resume none to start over")
+        return state
+    state = load_checkpoint(resume)
+    state["path"] = resume
+    return state
+
+
+def check_compatible(checkpoint: dict, model_config, fingerprints: dict, allow_data_change: bool) -> None:
+    """Refuse to resume into a different model, tokenizer, data or batch, naming each field."""
+    where = checkpoint["path"]
+    differing = [f"model.{k} ({checkpoint['model_config'].get(k)} → {v})"
+                 for k, v in dataclasses.asdict(model_config).items() if checkpoint["model_config"].get(k) != v]
+    data_fields = ["tokenizer_sha256", "vocab_size", "seq_len", "global_batch"]
+    if not allow_data_change:
+        data_fields.append("store_fingerprint")
+    differing += [f"{k} ({_short(checkpoint['data'].get(k))} → {_short(fingerprints[k])})"
+                  for k in data_fields if checkpoint["data"].get(k) != fingerprints[k]]
+    if differing:
+        data_changed = any(d.startswith("store_") for d in differing)
+        hint = " (new data on purpose? pass --allow-data-change)" if data_changed else ""
+        raise UserError(f"{where}: cannot resume, the run differs in {', '.join(differing)}{hint}")
+
+
+def _short(value) -> str:
+    return value[:12] if isinstance(value, str) else str(value)
+
+
+def all_finite(state) -> bool:
+    """No NaN or inf in any floating tensor of a (nested) state dict."""
+    if isinstance(state, torch.Tensor):
+        return not state.is_floating_point() or bool(torch.isfinite(state).all())
+    if isinstance(state, dict):
+        return all(all_finite(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return all(all_finite(v) for v in state)
+    return not isinstance(state, float) or math.isfinite(state)
 
 
 def _same_file(a: Path, b: Path) -> bool:

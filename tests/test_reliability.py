@@ -6,7 +6,7 @@ seq_len 32, fp32, so "identical" means bit-identical: losses are compared as the
 exact floats train_log.tsv records, weights with torch.equal.
 
 Fault injection (documented in docs/training.md, "Reliability"):
-  MM_INJECT_NAN_STEPS=3        poison step 3's loss (pipeline/train.py)
+  MM_INJECT_NAN_STEPS=3        poison step 3's loss (pipeline/run_setup.py)
   MM_INJECT_SAVE_FAULT=8:kill  SIGKILL inside the save of step 8, after the tmp file is
                                complete and before the rename (pipeline/checkpoint.py)
   MM_INJECT_SAVE_FAULT=4:enospc  the save of step 4 fails with ENOSPC after 64 KiB
@@ -551,7 +551,7 @@ def test_retention_keeps_last_k_and_never_the_only_complete_one(tmp_path, monkey
     assert step_files(out) == [3] and tmp_files(out) == [] and find_resumable(out)["step"] == 3
 
     # Only damaged checkpoints: `--resume auto` refuses to start over quietly.
-    from pipeline.train import pick_checkpoint
+    from pipeline.checkpoint import pick_checkpoint
 
     os.truncate(out / "ckpt.pth", 100)
     with pytest.raises(UserError, match="none of its checkpoints verifies"):
