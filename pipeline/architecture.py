@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from pipeline import atomic
 from pipeline.errors import UserError
 from pipeline.model import ModelConfig
 
@@ -56,7 +57,8 @@ def _check(c: ModelConfig, source: str) -> None:
         if getattr(c, name) <= 0:
             raise UserError(f"{source}: model field '{name}' must be positive, got {getattr(c, name)}")
     if c.n_heads % c.n_kv_heads:
-        raise UserError(f"{source}: model field 'n_heads' ({c.n_heads}) must be a multiple of 'n_kv_heads' ({c.n_kv_heads})")
+        raise UserError(f"{source}: model field 'n_heads' ({c.n_heads}) must be a multiple of "
+                        f"'n_kv_heads' ({c.n_kv_heads})")
     if c.head_dim % 2:
         raise UserError(f"{source}: model field 'head_dim' must be even for RoPE, got {c.head_dim}")
     if c.n_experts and not 0 < c.top_k <= c.n_experts:
@@ -65,8 +67,7 @@ def _check(c: ModelConfig, source: str) -> None:
 
 def save_model_json(config: ModelConfig, path: Path, preset: str) -> None:
     doc = {"format": MODEL_FORMAT, "preset": preset, **dataclasses.asdict(config)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    atomic.write_text(path, json.dumps(doc, indent=2) + "\n")
 
 
 def load_model_json(path: Path) -> ModelConfig:
@@ -98,7 +99,8 @@ def count_params(c: ModelConfig) -> dict[str, int]:
     embedding = c.vocab_size * c.dim
     non_embedding = c.n_layers * (attn + ffn_total + norms) + c.dim
     active = c.n_layers * (attn + ffn_active + norms) + c.dim
-    return {"total": embedding + non_embedding, "non_embedding": non_embedding, "embedding": embedding, "active": embedding + active}
+    return {"total": embedding + non_embedding, "non_embedding": non_embedding, "embedding": embedding,
+            "active": embedding + active}
 
 
 def flops_per_token(c: ModelConfig, seq_len: int) -> int:

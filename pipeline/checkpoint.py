@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.atomic import fsync_dir
 from pipeline.errors import UserError
 
 FORMAT = "mm-checkpoint"
@@ -90,7 +91,7 @@ def save_checkpoint(state: dict, out_dir: Path, keep_last: int) -> Path:
         if fault == "kill":  # the complete tmp file exists, the rename has not happened
             os.kill(os.getpid(), signal.SIGKILL)
         os.replace(tmp, path)
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
         _point_latest(out_dir, path)
     except (OSError, RuntimeError) as e:
         # torch.save turns the OSError of a failed write (ENOSPC, EIO) into a RuntimeError
@@ -154,7 +155,7 @@ def _point_latest(out_dir: Path, target: Path) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
 
 
 def _prune(out_dir: Path, keep_last: int, saved_step: int) -> None:
@@ -174,14 +175,6 @@ def _remove_stale_tmp(out_dir: Path) -> None:
     for path in out_dir.glob(".*.tmp-*"):
         if STEP_FILE.search(path.name.partition(".tmp-")[0]) or path.name.startswith(f".{LATEST}.tmp-"):
             path.unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def step_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:

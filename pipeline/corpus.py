@@ -5,8 +5,9 @@ with no download. The source files are parsed with `ast` (never imported: no
 side effects, no GUI toolkits, no platform-specific modules), and every
 module, class and function docstring of reasonable length becomes one
 document. The sections of the language reference that pydoc ships
-(`pydoc_data/topics.py`) are added too: long English prose. Exact duplicates are dropped; the order is the sorted file walk, so
-the output is deterministic for a given Python version.
+(`pydoc_data/topics.py`) are added too: long English prose. Exact duplicates
+are dropped; the order is the sorted file walk, so the output is deterministic
+for a given Python version.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import os
 import sysconfig
 import warnings
 from pathlib import Path
+
+from pipeline.atomic import atomic_file
 
 # Packages that are test suites, GUI demos, vendored data or otherwise not prose.
 SKIP_DIRS = {
@@ -94,22 +97,15 @@ def iter_docs(root: Path | None = None, min_chars: int = MIN_CHARS):
 def write_sample(out: str | Path, root: Path | None = None) -> dict:
     """Write the corpus as JSONL (one {"text": ...} per line); returns counts.
 
-    Written to a temporary file and renamed, so an interrupted run never leaves
+    Written atomically (pipeline/atomic.py), so an interrupted run never leaves
     a half corpus behind.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     docs = n_bytes = 0
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for doc in iter_docs(root):
-                line = json.dumps({"text": doc}, ensure_ascii=False)
-                f.write(line + "\n")
-                docs += 1
-                n_bytes += len(line.encode("utf-8")) + 1
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_file(out, "w") as f:
+        for doc in iter_docs(root):
+            line = json.dumps({"text": doc}, ensure_ascii=False)
+            f.write(line + "\n")
+            docs += 1
+            n_bytes += len(line.encode("utf-8")) + 1
     return {"path": str(out), "documents": docs, "bytes": n_bytes}

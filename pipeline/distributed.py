@@ -83,17 +83,19 @@ def check_same(value: int, world: World, what: str) -> None:
 
 
 def launcher_command(
-    script_args: list[str], procs_per_node: int, nodes: int = 1, node_rank: int = 0,
+    module: str, module_args: list[str], procs_per_node: int, nodes: int = 1, node_rank: int = 0,
     master_addr: str = "127.0.0.1", master_port: int = 29500, rdzv_endpoint: str | None = None,
 ) -> list[str]:
-    """argv that reruns `mm train` (script_args) under torch.distributed.run; never a shell string."""
+    """argv that runs `python -m module *module_args` under torch.distributed.run; never a shell string.
+
+    The caller names the module (the CLI lives in stages/, which pipeline/ never imports)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={procs_per_node}", f"--nnodes={nodes}"]
     if rdzv_endpoint:
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
     else:
         cmd += [f"--node-rank={node_rank}", f"--master-addr={master_addr}", f"--master-port={master_port}"]
     # Fail fast: a dead worker tears the whole group down instead of restarting it.
-    cmd += ["--max-restarts=0", "--monitor-interval=1", "-m", "stages.cli", "train", *script_args]
+    cmd += ["--max-restarts=0", "--monitor-interval=1", "-m", module, *module_args]
     return cmd
 
 

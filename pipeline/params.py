@@ -1,22 +1,37 @@
 """`params.yaml`: every hyperparameter, one typed section per stage.
 
 Each section is a dataclass whose fields carry a docstring. Loading checks
-every key: an unknown key or a value of the wrong type is a UserError that
-names it. `--set section.key=value` overrides are parsed as YAML scalars and
-checked the same way, so `--set train.lr=3e-4` and `--set train.compile=true`
-do what they look like.
+every key: an unknown key, a value of the wrong type, a word outside a closed
+set (the `Literal` fields) or a number out of its range is a UserError that
+names the file (or `--set`) and the key. `--set section.key=value` overrides
+are parsed as YAML scalars and checked the same way, so `--set train.lr=3e-4`
+and `--set train.compile=true` do what they look like. The range checks are
+the sections' `check` methods: every stage, `--dry-run` included, sees them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from pipeline.errors import UserError
+
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]
+ExportDtype = Literal["fp32", "bf16", "fp16"]
+
+
+class ParamError(UserError):
+    """A value out of its range; `key` (section.key) lets the loader say where it was set."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key} {problem}")
+        self.key = key
 
 
 @dataclass
@@ -27,6 +42,10 @@ class DataParams:
     """Fraction of documents (chosen by a hash of their text) held out for validation."""
     text_field: str = "text"
     """The JSON field that holds each document's text."""
+
+    def check(self) -> None:
+        if not 0.0 <= self.val_fraction <= 1.0:
+            raise ParamError("data.val_fraction", f"must be in [0, 1], got {self.val_fraction}")
 
 
 @dataclass
@@ -74,7 +93,7 @@ class TrainParams:
     """AdamW beta2."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 turns clipping off."""
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     """Precision: auto | bf16 | fp16 | fp32 (auto picks bf16 where the hardware has it)."""
     seed: int = 1337
     """Seeds the weights and the data order."""
@@ -92,17 +111,45 @@ class TrainParams:
     """Where checkpoints and metrics go."""
     compile: bool = False
     """Wrap the model in torch.compile."""
-    parallel: str = "ddp"
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     """Multi-process strategy: ddp (replicate) or fsdp (shard parameters, grads and optimizer state)."""
-    nonfinite: str = "skip"
+    nonfinite: Literal["skip", "abort"] = "skip"
     """On a non-finite loss or grad norm: skip the step (up to max_skips times) or abort."""
     max_skips: int = 10
     """Non-finite steps tolerated under nonfinite=skip before the run aborts."""
 
+    @property
+    def rank_batch(self) -> int:
+        """Sequences one process trains on per optimizer step."""
+        return self.micro_batch_size * self.accumulation_steps
+
+    def global_batch(self, world_size: int) -> int:
+        """Sequences per optimizer step over all processes: what the loss of a step averages over."""
+        return self.rank_batch * world_size
+
+    def check(self) -> None:
+        for name in ("seq_len", "micro_batch_size", "accumulation_steps", "save_interval", "log_interval", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ParamError(f"train.{name}", f"must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "max_tokens", "eval_interval", "eval_batches", "warmup_steps", "max_skips",
+                     "stop_after", "grad_clip", "weight_decay", "epochs"):
+            if getattr(self, name) < 0:
+                raise ParamError(f"train.{name}", f"must not be negative, got {getattr(self, name)}")
+        if self.eval_interval and not self.eval_batches:
+            raise ParamError("train.eval_batches", "must be at least 1 when train.eval_interval is set "
+                             "(0 turns evaluation off)")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ParamError(f"train.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ParamError("train.lr", f"must be positive, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ParamError("train.min_lr", f"must be in [0, train.lr ({self.lr})], got {self.min_lr}")
+
 
 @dataclass
 class ExportParams:
-    dtype: str = "fp32"
+    dtype: ExportDtype = "fp32"
     """Weight dtype of the exported model: fp32 | bf16 | fp16."""
 
 
@@ -113,6 +160,12 @@ class EvalParams:
     batch_size: int = 8
     """Sequences per batch in `mm eval`."""
 
+    def check(self) -> None:
+        if self.batches < 0:
+            raise ParamError("eval.batches", f"must not be negative, got {self.batches}")
+        if self.batch_size < 1:
+            raise ParamError("eval.batch_size", f"must be at least 1, got {self.batch_size}")
+
 
 @dataclass
 class Params:
@@ -122,6 +175,14 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     export: ExportParams = field(default_factory=ExportParams)
     eval: EvalParams = field(default_factory=EvalParams)
+
+
+def check_params(params: Params) -> None:
+    """Every section's range checks (load_params runs them; code that builds Params itself calls this)."""
+    for f in dataclasses.fields(params):
+        check = getattr(getattr(params, f.name), "check", None)
+        if check is not None:
+            check()
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
@@ -140,12 +201,14 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
             raise UserError(f"{path}: params file not found")
     source = str(path) if path is not None else "params"
     params = Params()
+    origin: dict[str, str] = {}  # section.key → where its value came from, for range errors
     for section_name, section_values in raw.items():
         section = _section(params, section_name, source)
         if not isinstance(section_values, dict):
             raise UserError(f"{source}: section '{section_name}' must be a mapping")
         for key, value in section_values.items():
             _assign(section, section_name, key, value, source)
+            origin[f"{section_name}.{key}"] = source
     for item in overrides or []:
         key_path, sep, text = item.partition("=")
         if not sep or "." not in key_path:
@@ -157,6 +220,11 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         except yaml.YAMLError:
             raise UserError(f"--set {item!r}: the value is not a valid YAML scalar") from None
         _assign(section, section_name, key, value, "--set")
+        origin[key_path] = "--set"
+    try:
+        check_params(params)
+    except ParamError as e:
+        raise UserError(f"{origin.get(e.key, source)}: {e}") from None
     return params
 
 
@@ -172,14 +240,19 @@ def _assign(section, section_name: str, key: str, value, source: str) -> None:
     if isinstance(section, ModelParams) and key not in ("preset", "overrides"):
         section.overrides[key] = value
         return
-    fields = {f.name: f for f in dataclasses.fields(section)}
-    if key not in fields:
+    types = typing.get_type_hints(type(section))
+    if key not in {f.name for f in dataclasses.fields(section)}:
         raise UserError(f"{source}: unknown key '{section_name}.{key}'")
-    setattr(section, key, _coerce(value, fields[key].type, f"{section_name}.{key}", source))
+    setattr(section, key, _coerce(value, types[key], f"{section_name}.{key}", source))
 
 
 def _coerce(value, annotation, name: str, source: str):
-    expected = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}[str(annotation)]
+    if typing.get_origin(annotation) is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise UserError(f"{source}: '{name}' must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    expected = annotation
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if expected is float and isinstance(value, str):

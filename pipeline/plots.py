@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+from pipeline import atomic
 from pipeline.progress import read_log
 
 
@@ -25,7 +27,8 @@ def write_loss_png(out_dir: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = out_dir / "loss.png"
-    fig.savefig(path)
+    path, image = out_dir / "loss.png", io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
+    atomic.write_bytes(path, image.getvalue())
     return path

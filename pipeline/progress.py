@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
+
+from pipeline import atomic
 
 TRAIN_COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "skipped", "grad_syncs"]
 VAL_COLUMNS = ["step", "val_loss"]
@@ -35,11 +36,8 @@ class MetricLog:
                 fields = line.split("\t")
                 if len(fields) == len(columns) and fields[0].isdigit() and int(fields[0]) <= keep_until_step:
                     kept.append(line)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Rewrite through a rename, so a kill while cutting back never loses the kept rows.
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("\t".join(columns) + "\n" + "".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        # Rewrite atomically, so a kill while cutting back never loses the kept rows.
+        atomic.write_text(path, "\t".join(columns) + "\n" + "".join(line + "\n" for line in kept))
         self.file = open(path, "a")
 
     def write(self, **row) -> None:
@@ -58,16 +56,13 @@ def _fmt(value) -> str:
 def read_log(path: Path) -> list[dict]:
     lines = path.read_text().splitlines()
     header = lines[0].split("\t")
-    return [dict(zip(header, (float(v) for v in line.split("\t")))) for line in lines[1:] if line]
+    return [dict(zip(header, (float(v) for v in line.split("\t")), strict=False)) for line in lines[1:] if line]
 
 
 def write_metrics(path: Path, metrics: dict) -> None:
-    """Write a metrics JSON atomically (temporary file, then rename); NaN/inf become null."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a metrics JSON atomically; NaN/inf become null."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(clean, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(clean, indent=2) + "\n")
 
 
 class Display:

@@ -79,7 +79,7 @@ class Run:
     @property
     def global_batch(self) -> int:
         """Sequences per optimizer step, all ranks together."""
-        return self.tp.micro_batch_size * self.tp.accumulation_steps * self.world.size
+        return self.tp.global_batch(self.world.size)
 
     @property
     def tokens_per_step(self) -> int:

@@ -30,7 +30,7 @@ from pipeline import distributed
 from pipeline.checkpoint import all_finite, checkpoint_state, save_checkpoint
 from pipeline.errors import UserError
 from pipeline.optim import lr_at, set_lr
-from pipeline.params import Params, TrainParams
+from pipeline.params import Params, TrainParams, check_params
 from pipeline.plots import write_loss_png
 from pipeline.progress import write_metrics
 from pipeline.run_setup import Run, StopRequest, open_outputs, setup
@@ -62,7 +62,7 @@ def train(
 ) -> dict:
     """Run (or continue) training; returns the final metrics. Raises UserError or Preempted."""
     tp = params.train
-    check_train_params(tp)
+    check_params(params)  # also when params were built in code, not loaded
     requested = device or ("cuda" if torch.cuda.is_available() else "cpu")
     world = distributed.init_world("cuda" if requested in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
     with ExitStack() as cleanup:  # undone in reverse order, however the run ends
@@ -137,7 +137,7 @@ def train_step(run: Run, step: int) -> StepStats:
         with run.autocast:
             logits, aux_loss = run.forward(x)
         token_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
-        micro_loss = token_loss / (tp.seq_len * tp.micro_batch_size * tp.accumulation_steps)
+        micro_loss = token_loss / (tp.seq_len * tp.rank_batch)
         objective = micro_loss + aux_loss / tp.accumulation_steps
         reductions = counter.reductions if counter else 0
         (run.scaler.scale(objective) if run.scaler else objective).backward()
@@ -234,28 +234,6 @@ def finish(run: Run, step: int, elapsed: float) -> dict:
 # ---------------------------------------------------------------------------
 # Pieces of the loop
 # ---------------------------------------------------------------------------
-
-
-def check_train_params(tp: TrainParams) -> None:
-    for name in ("seq_len", "micro_batch_size", "accumulation_steps", "save_interval", "log_interval", "keep_last"):
-        if getattr(tp, name) < 1:
-            raise UserError(f"train.{name} must be at least 1, got {getattr(tp, name)}")
-    for name in ("max_steps", "max_tokens", "eval_interval", "eval_batches", "warmup_steps", "max_skips", "stop_after",
-                 "grad_clip", "weight_decay", "epochs"):
-        if getattr(tp, name) < 0:
-            raise UserError(f"train.{name} must not be negative, got {getattr(tp, name)}")
-    if tp.eval_interval and not tp.eval_batches:
-        raise UserError("train.eval_batches must be at least 1 when train.eval_interval is set "
-                        "(0 turns evaluation off)")
-    for name in ("beta1", "beta2"):
-        if not 0 <= getattr(tp, name) < 1:
-            raise UserError(f"train.{name} must be in [0, 1), got {getattr(tp, name)}")
-    if tp.lr <= 0 or tp.min_lr < 0 or tp.min_lr > tp.lr:
-        raise UserError(f"train.lr ({tp.lr}) must be positive and train.min_lr ({tp.min_lr}) in [0, lr]")
-    if tp.parallel not in ("ddp", "fsdp"):
-        raise UserError(f"train.parallel: expected ddp or fsdp, got '{tp.parallel}'")
-    if tp.nonfinite not in ("skip", "abort"):
-        raise UserError(f"train.nonfinite: expected skip or abort, got '{tp.nonfinite}'")
 
 
 @torch.no_grad()

@@ -15,7 +15,9 @@ SetOption = Annotated[
 
 
 def load(params_path: Path, sets: list[str] | None):
-    """Load params.yaml plus --set overrides (imported lazily: keeps `mm --help` fast)."""
+    """Load params.yaml plus --set overrides (imported lazily: keeps `mm --help` fast).
+
+    Every command binds --set to a parameter named `sets` (SetOption)."""
     from pipeline.params import load_params
 
     return load_params(params_path, sets or [])

@@ -16,7 +16,7 @@ def config(
     out: Annotated[Path, typer.Option(help="Where to write the model config.")] = Path("data/model.json"),
     seq_len: Annotated[Optional[int], typer.Option(help="Sequence length for the FLOPs figure (default: params train.seq_len).")] = None,
     params: ParamsOption = Path("params.yaml"),
-    set: SetOption = None,
+    sets: SetOption = None,
 ) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -25,7 +25,7 @@ def config(
     from pipeline.errors import UserError
     from pipeline.tokenizer import load_tokenizer
 
-    p = load(params, set)
+    p = load(params, sets)
     name = preset or p.model.preset
     if name not in PRESETS:  # arguments before files: an unknown preset is named before a missing tokenizer
         raise UserError(f"{'--preset' if preset else 'model.preset'}: unknown preset '{name}' (known: {', '.join(PRESETS)})")

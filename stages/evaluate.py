@@ -17,7 +17,7 @@ def evaluate(
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Window length (default: params train.seq_len).")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, or auto.")] = "auto",
     params: ParamsOption = Path("params.yaml"),
-    set: SetOption = None,
+    sets: SetOption = None,
 ) -> None:
     """Score the val split: loss (nats/token), perplexity, bits per byte; JSON + a table."""
     from rich.console import Console
@@ -26,7 +26,7 @@ def evaluate(
     from pipeline.evaluate import evaluate_model
     from pipeline.progress import write_metrics
 
-    p = load(params, set)
+    p = load(params, sets)
     result = evaluate_model(model, data, seq_len or p.train.seq_len, p.eval.batches, p.eval.batch_size, device)
     write_metrics(out, result)
 

@@ -16,7 +16,7 @@ def export(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="fp32 | bf16 | fp16 (default: params export.dtype).")] = None,
     format: Annotated[str, typer.Option("--format", help="hf (transformers directory) or gguf (llama.cpp file).")] = "hf",
     params: ParamsOption = Path("params.yaml"),
-    set: SetOption = None,
+    sets: SetOption = None,
 ) -> None:
     """Export a checkpoint for transformers (safetensors + config + tokenizer) or llama.cpp (GGUF)."""
     from rich.console import Console
@@ -26,7 +26,7 @@ def export(
     from pipeline.export import export_gguf, export_hf
     from pipeline.hf_format import ARCHITECTURES, hf_model_type
 
-    p = load(params, set)
+    p = load(params, sets)
     dtype = dtype or p.export.dtype
     if format not in ("hf", "gguf"):
         raise UserError(f"--format: must be hf or gguf, got {format!r}")

@@ -13,10 +13,10 @@ from stages.common import ParamsOption, SetOption, load
 def sample(
     out: Annotated[Path, typer.Argument(help="JSONL file to write.")] = Path("data/sample.jsonl"),
     params: ParamsOption = Path("params.yaml"),
-    set_: SetOption = None,
+    sets: SetOption = None,
 ) -> None:
     """Write the embedded default corpus: Python stdlib docstrings as JSONL."""
-    load(params, set_)  # validates params.yaml and --set even though nothing here reads them
+    load(params, sets)  # validates params.yaml and --set even though nothing here reads them
     from pipeline.corpus import write_sample
 
     info = write_sample(out)

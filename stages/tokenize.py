@@ -21,10 +21,10 @@ def tokenize(
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad line instead of skipping it.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output store.")] = False,
     params: ParamsOption = Path("params.yaml"),
-    set_: SetOption = None,
+    sets: SetOption = None,
 ) -> None:
     """Tokenize JSONL into packed Zarr token shards (train/val split by document hash)."""
-    p = load(params, set_)
+    p = load(params, sets)
     from rich.console import Console
     from rich.table import Table
 

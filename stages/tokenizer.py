@@ -16,10 +16,10 @@ def tokenizer(
     out: Annotated[Path, typer.Option("--out", help="Tokenizer directory to write.")] = Path("data/tokenizer"),
     text_field: Annotated[Optional[str], typer.Option("--text-field", help="JSON field with the text (default: params data.text_field).")] = None,
     params: ParamsOption = Path("params.yaml"),
-    set_: SetOption = None,
+    sets: SetOption = None,
 ) -> None:
     """Train a byte-level BPE tokenizer (Hugging Face format) on JSONL text."""
-    p = load(params, set_)
+    p = load(params, sets)
     from pipeline.tokenizer import train_tokenizer
 
     info = train_tokenizer(

@@ -14,6 +14,8 @@ import typer
 
 from stages.common import ParamsOption, SetOption, load
 
+CLI_MODULE = "stages.cli"  # what each torchrun worker runs: this same `mm train`, as a module
+
 
 def train(
     data: Annotated[Path, typer.Option(help="Token store written by `mm tokenize`.")] = Path("data/tokens.zarr"),
@@ -32,22 +34,22 @@ def train(
     rdzv_endpoint: Annotated[Optional[str], typer.Option(help="host:port of a c10d rendezvous (instead of master addr/port).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the launcher command and the per-rank batch split, then stop.")] = False,
     params: ParamsOption = Path("params.yaml"),
-    set: SetOption = None,
+    sets: SetOption = None,
 ) -> None:
     from pipeline.errors import UserError
     from pipeline.runlock import run_lock
 
-    p = load(params, set)
+    p = load(params, sets)
     # One writer per out_dir, locked before torch is imported so a second run is refused at once.
     # Under torchrun started by hand rank 0 locks; on several nodes node 0's launcher does.
     worker = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     with run_lock(Path(p.train.out_dir), enabled=not dry_run and (os.environ["RANK"] == "0" if worker else node_rank == 0)):
         _train(p, data, tokenizer, model, resume, allow_data_change, device, gpus, procs, nodes, node_rank, master_addr,
-               master_port, rdzv_endpoint, dry_run, params, set)
+               master_port, rdzv_endpoint, dry_run, params, sets)
 
 
 def _train(p, data, tokenizer, model, resume, allow_data_change, device, gpus, procs, nodes, node_rank, master_addr,
-           master_port, rdzv_endpoint, dry_run, params, set) -> None:
+           master_port, rdzv_endpoint, dry_run, params, sets) -> None:
     from pipeline.distributed import launcher_command, under_launcher
     from pipeline.errors import UserError
 
@@ -67,10 +69,11 @@ def _train(p, data, tokenizer, model, resume, allow_data_change, device, gpus, p
     if (per_node > 1 or nodes > 1) and not under_launcher():
         worker_args = [
             "--data", str(data), "--tokenizer", str(tokenizer), "--model", str(model), "--resume", resume,
-            "--device", device, "--params", str(params), *[a for s in set or [] for a in ("--set", s)],
+            "--device", device, "--params", str(params), *[a for s in sets or [] for a in ("--set", s)],
             *(["--allow-data-change"] if allow_data_change else []),
         ]
-        cmd = launcher_command(worker_args, per_node, nodes, node_rank, master_addr, master_port, rdzv_endpoint)
+        cmd = launcher_command(CLI_MODULE, ["train", *worker_args], per_node, nodes, node_rank, master_addr,
+                               master_port, rdzv_endpoint)
         world = per_node * nodes
         if dry_run:
             _print_plan(cmd, p.train, world)
@@ -130,10 +133,10 @@ def _run_launcher(cmd: list[str]) -> int:
 
 
 def _print_plan(cmd: list[str] | None, tp, world: int) -> None:
-    per_rank = tp.micro_batch_size * tp.accumulation_steps
+    per_rank = tp.rank_batch
     print("launcher: " + (shlex.join(cmd) if cmd else "(none: one process)"))
     print(f"global batch: {tp.micro_batch_size} micro × {tp.accumulation_steps} accumulation × {world} processes "
-          f"= {per_rank * world} sequences of {tp.seq_len} tokens per step")
+          f"= {tp.global_batch(world)} sequences of {tp.seq_len} tokens per step")
     for r in range(world):
         print(f"  rank {r}: samples [{r * per_rank}, {(r + 1) * per_rank}) of each step's global batch, "
               f"{tp.accumulation_steps} micro-batch(es) of {tp.micro_batch_size}")

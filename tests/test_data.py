@@ -10,34 +10,17 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_user_error, mm
 
 from pipeline.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def mm(*args, cwd=None) -> subprocess.CompletedProcess:
-    """Run the `mm` CLI (same entry point as the console script) from this checkout."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
-
-
-def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> None:
-    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 def store_files(path: Path) -> dict[str, bytes]:

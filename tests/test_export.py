@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_user_error, mm
 
 from pipeline.errors import UserError
 
@@ -34,19 +35,6 @@ PROMPTS = [
     "你好，世界！Hello 🌍🚀 emoji and 中文 mixed.",
     "Return the list of all\tnames, or None.",
 ]
-
-
-def mm(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=300)
-
-
-def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> None:
-    assert r.returncode == 1, (r.returncode, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def make_state(tokenizer_dir: Path, preset: str, overrides: dict, seed: int = 0) -> dict:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_user_error, mm, mm_env
 
 from pipeline.errors import UserError
 
@@ -46,13 +47,6 @@ STEP_LINE = re.compile(r"^step (\d+)/\d+ ")
 # ---------------------------------------------------------------------------
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MM_INJECT_")}
-    env["PYTHONPATH"] = str(REPO)
-    env.update(extra)
-    return env
-
-
 def train_cmd(setup, out: Path, *extra: str, sets=(), model=None, data=None, tokenizer=None) -> list[str]:
     cmd = [sys.executable, "-m", "stages.cli", "train", "--device", "cpu",
            "--data", str(data or setup.store), "--tokenizer", str(tokenizer or setup.tokenizer),
@@ -63,13 +57,8 @@ def train_cmd(setup, out: Path, *extra: str, sets=(), model=None, data=None, tok
 
 
 def mm_train(setup, out: Path, *extra: str, sets=(), env=None, **paths) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(setup, out, *extra, sets=sets, **paths), cwd=setup.cwd, env=env or _env(),
+    return subprocess.run(train_cmd(setup, out, *extra, sets=sets, **paths), cwd=setup.cwd, env=env or mm_env(),
                           capture_output=True, text=True, timeout=600)
-
-
-def mm(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)], cwd=cwd, env=_env(),
-                          capture_output=True, text=True, timeout=300)
 
 
 def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -78,13 +67,8 @@ def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def user_error(r: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit 1 with one `error:` line (no traceback) that contains every needle."""
-    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    for n in needles:
-        assert n in errors[0], (n, errors[0])
-    return errors[0]
+    """Exit 1 with one `error:` line (no traceback) that contains every needle; warnings may precede it."""
+    return assert_user_error(r, *needles, alone=False)
 
 
 def log_rows(path: Path) -> list[dict]:
@@ -198,7 +182,7 @@ def test_kill9_at_random_moments_then_resume_is_identical(setup, reference, tmp_
     for _ in range(2):
         # Kill after a seeded-random number of step lines plus a seeded-random delay: the
         # kill lands mid-step, mid-evaluation or mid-save, wherever the run happens to be.
-        proc = subprocess.Popen(train_cmd(setup, out), cwd=setup.cwd, env=_env(),
+        proc = subprocess.Popen(train_cmd(setup, out), cwd=setup.cwd, env=mm_env(),
                                 stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         want_lines, seen = rng.randint(3, 4), 0  # >= 3 lines: the step-2 save of a fresh run is done
         for line in proc.stderr:
@@ -219,7 +203,7 @@ def test_kill9_at_random_moments_then_resume_is_identical(setup, reference, tmp_
     resumable = find_resumable(out)["step"]
     fault_step = resumable + 2
     assert fault_step <= STEPS
-    r = mm_train(setup, out, env=_env(MM_INJECT_SAVE_FAULT=f"{fault_step}:kill"))
+    r = mm_train(setup, out, env=mm_env(MM_INJECT_SAVE_FAULT=f"{fault_step}:kill"))
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
     assert any(name.startswith(f".step_{fault_step:08d}.pth.tmp-") for name in tmp_files(out)), tmp_files(out)
     assert max(step_files(out)) == fault_step - 2  # the rename never happened
@@ -245,10 +229,10 @@ def test_sigterm_two_processes_stop_at_one_step_and_resume_identically(setup, tm
         return train_cmd(setup, out, "--procs", "2", "--master-port", str(free_port()), sets=sets)
 
     ref = tmp_path / "ref"
-    ok(subprocess.run(launch(ref), cwd=setup.cwd, env=_env(), capture_output=True, text=True, timeout=600))
+    ok(subprocess.run(launch(ref), cwd=setup.cwd, env=mm_env(), capture_output=True, text=True, timeout=600))
 
     out = tmp_path / "out"
-    proc = subprocess.Popen(launch(out), cwd=setup.cwd, env=_env(), stderr=subprocess.PIPE,
+    proc = subprocess.Popen(launch(out), cwd=setup.cwd, env=mm_env(), stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True)
     lines = []
     for line in proc.stderr:
@@ -267,7 +251,7 @@ def test_sigterm_two_processes_stop_at_one_step_and_resume_identically(setup, tm
     assert load(out / "ckpt.pth")["step"] == step
     assert int(log_rows(out / "train_log.tsv")[-1]["step"]) == step
 
-    r = subprocess.run(launch(out), cwd=setup.cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(launch(out), cwd=setup.cwd, env=mm_env(), capture_output=True, text=True, timeout=600)
     assert f"at step {step}" in ok(r).stderr
     assert log_rows(out / "train_log.tsv") == log_rows(ref / "train_log.tsv")
     assert_same_state(load(out / "ckpt.pth"), load(ref / "ckpt.pth"))
@@ -329,9 +313,9 @@ def tiny_fs(tmp_path, reference):
 @pytest.mark.parametrize("how", ["injected", "tmpfs"])
 def test_full_disk_during_save_keeps_previous_checkpoint(setup, how, request, tmp_path):
     if how == "tmpfs":
-        out, env = request.getfixturevalue("tiny_fs") / "out", _env()
+        out, env = request.getfixturevalue("tiny_fs") / "out", mm_env()
     else:
-        out, env = tmp_path / "out", _env(MM_INJECT_SAVE_FAULT="4:enospc")
+        out, env = tmp_path / "out", mm_env(MM_INJECT_SAVE_FAULT="4:enospc")
     r = mm_train(setup, out, sets=["train.keep_last=1", "train.eval_interval=0"], env=env)
     user_error(r, f"{out / 'step_00000004.pth'}: saving the checkpoint failed (No space left on device)",
                "the previous checkpoint is intact")
@@ -349,7 +333,7 @@ def test_full_disk_during_save_keeps_previous_checkpoint(setup, how, request, tm
 def test_nan_loss_is_skipped_and_counted(setup, tmp_path):
     out = tmp_path / "out"
     sets = ["train.max_steps=5", "train.save_interval=1", "train.keep_last=10", "train.eval_interval=0"]
-    r = ok(mm_train(setup, out, sets=sets, env=_env(MM_INJECT_NAN_STEPS="3")))
+    r = ok(mm_train(setup, out, sets=sets, env=mm_env(MM_INJECT_NAN_STEPS="3")))
     assert "step 3: non-finite loss (nan)" in r.stderr
     rows = log_rows(out / "train_log.tsv")
     assert [row["loss"] for row in rows][2] == "nan"
@@ -370,7 +354,7 @@ def test_nan_loss_aborts_under_abort(setup, tmp_path):
     out = tmp_path / "out"
     sets = ["train.max_steps=5", "train.save_interval=1", "train.keep_last=10", "train.eval_interval=0",
             "train.nonfinite=abort"]
-    r = mm_train(setup, out, sets=sets, env=_env(MM_INJECT_NAN_STEPS="3"))
+    r = mm_train(setup, out, sets=sets, env=mm_env(MM_INJECT_NAN_STEPS="3"))
     user_error(r, "step 3: non-finite loss", "train.nonfinite=abort")
     assert step_files(out) == [1, 2]
     assert load(out / "ckpt.pth")["step"] == 2

@@ -1,0 +1,59 @@
+"""Atomic file writes: a reader sees the old file or the new one, never a part of either.
+
+Write to a temporary file in the same directory, flush, fsync it, rename it
+over the target, fsync the directory (so the rename itself survives a power
+cut). On any error the temporary file is removed and the target is untouched.
+Everything the pipeline writes for someone else to read goes through here
+(checkpoints have their own writer in pipeline/checkpoint.py for fault
+injection and torch.save's error reporting, built on the same `fsync_dir`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "w", encoding: str = "utf-8") -> Iterator[IO]:
+    """Open a temporary file next to `path` for writing; it replaces `path` when the block ends cleanly.
+
+    Text mode writes exactly the characters given (no newline translation)."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_file writes whole files: mode 'w' or 'wb', not {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    text = {} if mode == "wb" else {"encoding": encoding, "newline": ""}
+    try:
+        with open(tmp, mode, **text) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
+    with atomic_file(path, "w", encoding) as f:
+        f.write(text)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_file(path, "wb") as f:
+        f.write(data)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or a new file in `path` durable (POSIX: the directory entry has its own fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

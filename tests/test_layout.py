@@ -1,0 +1,147 @@
+"""The shape of the code: which module may import which, and dvc.yaml's honesty about it.
+
+The import graph is read from the source with `ast` (every `import`, also the
+lazy ones inside functions), so it needs nothing installed and sees what a
+stage can run, not only what it imports at start-up.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "stages")
+# Modules of training, export and evaluation: the data modules must never reach them.
+TRAINING_AND_EXPORT = {"train", "run_setup", "optim", "distributed", "checkpoint", "model", "architecture",
+                       "hardware", "export", "evaluate", "generate", "gguf", "hf"}
+
+
+def module_of(path: Path) -> str:
+    return ".".join(path.relative_to(REPO).with_suffix("").parts)
+
+
+def imports(module: str) -> set[str]:
+    """The project modules (pipeline.*, stages.*) that `module`'s source imports, anywhere in it."""
+    path = REPO / Path(*module.split(".")).with_suffix(".py")
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            # `from pipeline import distributed` names a module; `from pipeline.x import f` names x.
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {n for n in names if n.split(".")[0] in PACKAGES and _exists(n)}
+    return found - {module}
+
+
+def external_imports(module: str) -> set[str]:
+    path = REPO / Path(*module.split(".")).with_suffix(".py")
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def _exists(name: str) -> bool:
+    return (REPO / Path(*name.split("."))).with_suffix(".py").is_file()
+
+
+def closure(start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(imports(module))
+    return seen
+
+
+def all_modules() -> list[str]:
+    return sorted(module_of(p) for package in PACKAGES for p in (REPO / package).glob("*.py")
+                  if p.name != "__init__.py")
+
+
+def stage_modules() -> dict[str, str]:
+    """`mm` subcommand → the stages module that implements it, as the CLI registers them."""
+    from stages import cli
+
+    cli._register()
+    return {c.name: c.callback.__module__ for c in cli.app.registered_commands}
+
+
+# ---------------------------------------------------------------------------
+
+
+def test_every_stage_depends_on_the_pipeline_modules_it_runs():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    commands = stage_modules()
+    missing = {}
+    for name, stage in dvc["stages"].items():
+        argv = stage["cmd"].split()
+        assert argv[0] == "mm" and argv[1] in commands, f"stage {name}: {stage['cmd']!r} is not an mm command"
+        runs = {f"{m.replace('.', '/')}.py" for m in closure(commands[argv[1]]) if m.startswith("pipeline.")}
+        declared = {d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])}
+        if runs - declared:
+            missing[name] = sorted(runs - declared)
+    assert not missing, f"dvc.yaml stages lack these deps (the stage runs them): {missing}"
+
+
+def test_training_reruns_when_any_train_default_changes():
+    """dvc.yaml's train stage tracks the whole `train` section, and params.yaml lists every key of it."""
+    import dataclasses
+
+    from pipeline.params import TrainParams
+
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert "train" in dvc["stages"]["train"]["params"]
+    listed = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
+    assert sorted(f.name for f in dataclasses.fields(TrainParams) if f.name not in listed) == []
+
+
+def test_pipeline_never_reaches_stages_typer_or_dvc():
+    for module in all_modules():
+        if module.startswith("pipeline."):
+            assert not {m for m in imports(module) if m.startswith("stages.")}, module
+            assert not external_imports(module) & {"stages", "typer", "dvc"}, module
+    assert external_imports("pipeline.model") <= {"__future__", "dataclasses", "math", "torch"}
+
+
+def test_data_modules_never_reach_training_or_export():
+    commands = stage_modules()
+    for command in ("sample", "tokenizer", "tokenize"):
+        reached = {m.split(".")[1] for m in closure(commands[command]) if m.startswith("pipeline.")}
+        assert not reached & TRAINING_AND_EXPORT, (command, sorted(reached & TRAINING_AND_EXPORT))
+
+
+def test_pipeline_names_no_stages_module():
+    """Not even as a string (a module name handed to a launcher): the CLI passes its own name in."""
+    for module in all_modules():
+        if module.startswith("pipeline."):
+            source = (REPO / Path(*module.split(".")).with_suffix(".py")).read_text(encoding="utf-8")
+            strings = [n.value for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Constant)]
+            assert not [s for s in strings if isinstance(s, str) and s.startswith("stages.")], module
+
+
+def test_every_command_binds_set_to_one_name():
+    import typing
+
+    from stages import cli
+
+    cli._register()
+    for command in cli.app.registered_commands:
+        hints = typing.get_type_hints(command.callback, include_extras=True)
+        for name, hint in hints.items():
+            # Under Annotated, typer.Option's first positional argument (kept as `default`) is the flag name.
+            metas = getattr(hint, "__metadata__", ())
+            decls = [d for m in metas for d in (getattr(m, "default", None), *(getattr(m, "param_decls", None) or ()))]
+            if "--set" in decls:
+                assert name == "sets", (command.name, name)
+        assert "set" not in hints and "set_" not in hints, command.name
