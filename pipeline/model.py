@@ -2,8 +2,10 @@
 
 Read top to bottom: config, RMSNorm, RoPE, attention (grouped-query, through
 scaled_dot_product_attention; on the CPU in bf16/fp16, when the scores are
-small, the same math as three batched matmuls, which is faster there), SwiGLU
-MLP, mixture of experts, block, model.
+small, the same math as three batched matmuls, which is faster there),
+document attention (tokens of a packed window attend only within their own
+document), SwiGLU MLP, mixture of experts, block, the loss (cross-entropy
+fused with the output head, a chunk of rows at a time), model.
 Pure torch: nothing here imports the rest of the project, so parallelism,
 precision and compilation are applied from outside (see pipeline/train.py).
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -86,7 +89,7 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, H, T, hd); cos, sin: (T, hd). Rotates pairs (i, i + hd/2)."""
+    """x: (B, H, T, hd); cos, sin: (T, hd), or (B, 1, T, hd) for per-row positions. Rotates pairs (i, i + hd/2)."""
     # In x's dtype, as HF does: mixing bf16 and fp32 here costs ~50x on the CPU.
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
@@ -94,17 +97,30 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
-# Largest B·H·T·T score tensor worth materialising (kept for backward: 64 MiB per layer
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """RoPE positions that restart at 0 wherever doc_ids (B, T) changes: (B, T) int64."""
+    t = torch.arange(doc_ids.size(1), device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return t - torch.where(starts, t, 0).cummax(dim=1).values
+
+
+# ---------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------
+
+# Largest B·H·Tq·Tk score tensor worth materialising (kept for backward: 64 MiB per layer
 # in bf16); beyond it the flash kernel's O(T) memory wins. Batch 4 × 8 heads × 512² = 8M.
 CPU_MATMUL_ATTENTION_MAX_SCORES = 2**25
 
 
-def use_matmul_attention(q) -> bool:
+def use_matmul_attention(q, keys: int | None = None) -> bool:
     """Half precision on a CPU with small scores: there torch's CPU flash kernel is the slower
     choice (34 % of a minimind2-small step for 14 % of its FLOPs; docs/training.md). In fp32
     the flash kernel is faster, and on GPUs SDPA's kernels are the ones to use."""
     B, H, T, _ = q.shape
-    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and B * H * T * T <= CPU_MATMUL_ATTENTION_MAX_SCORES
+    scores = B * H * T * (keys or T)
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and scores <= CPU_MATMUL_ATTENTION_MAX_SCORES
 
 
 def causal_attention_cpu(q, k, v):
@@ -123,6 +139,79 @@ def causal_attention_cpu(q, k, v):
                            alpha=hd**-0.5)  # (B·KV, G·T, T)
     probs = torch.softmax(scores, dim=-1)
     return torch.bmm(probs, v.reshape(B * KV, T, hd)).view(B, H, T, hd)
+
+
+def masked_attention_cpu(q, k, v, allowed):
+    """The same matmuls under a per-row mask: q (B, H, Tq, hd), k, v (B, KV, Tk, hd), allowed (B, Tq, Tk) bool."""
+    B, H, Tq, hd = q.shape
+    KV, Tk = k.size(1), k.size(2)
+    group = H // KV
+    scores = torch.bmm(q.reshape(B * KV, group * Tq, hd), k.reshape(B * KV, Tk, hd).transpose(1, 2))
+    # In place on the product (bmm keeps its inputs, not its output, for backward): no second scores tensor.
+    scores.view(B, KV, group, Tq, Tk).mul_(hd**-0.5).masked_fill_(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.bmm(probs, v.reshape(B * KV, Tk, hd)).view(B, H, Tq, hd)
+
+
+# Query rows per tile of document attention without FlexAttention. A tile's keys start at the
+# document of its first query, so when documents are shorter than the window most of the causal
+# triangle is never computed (docs/training.md measures the tile size).
+DOCUMENT_TILE = 256
+
+
+@dataclass
+class DocumentMask:
+    """Where tokens may attend when each attends only to earlier tokens of its own document.
+
+    Built once per forward from doc_ids (B, T), a document number per token, and
+    shared by the layers: either FlexAttention's BlockMask (CUDA), or tiles of
+    queries (first, end, first key, allowed (B, end - first, end - first key) bool).
+    """
+
+    tiles: list[tuple[int, int, int, torch.Tensor]]
+    block_mask: object = None
+
+
+def document_mask(doc_ids: torch.Tensor, tile: int = DOCUMENT_TILE) -> DocumentMask:
+    B, T = doc_ids.shape
+    if doc_ids.device.type == "cuda":
+        from torch.nn.attention.flex_attention import create_block_mask  # CUDA only: CPU flex has no backward
+
+        def same_document_causal(b, h, q, k):
+            return (k <= q) & (doc_ids[b, q] == doc_ids[b, k])
+
+        return DocumentMask([], create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device))
+    t = torch.arange(T, device=doc_ids.device)
+    doc_starts = t - document_positions(doc_ids)  # (B, T): first token of each token's document
+    first_keys = doc_starts[:, ::tile].amin(dim=0).tolist()  # documents are contiguous: the tile's first query decides
+    tiles = []
+    for q0, k0 in zip(range(0, T, tile), first_keys):
+        q1 = min(q0 + tile, T)
+        allowed = (doc_ids[:, q0:q1, None] == doc_ids[:, None, k0:q1]) & (t[q0:q1, None] >= t[None, k0:q1])
+        tiles.append((q0, q1, k0, allowed))
+    return DocumentMask(tiles)
+
+
+_compiled_flex_attention = None
+
+
+def document_attention(q, k, v, mask: DocumentMask):
+    """Grouped-query attention within documents: q (B, H, T, hd), k, v (B, KV, T, hd)."""
+    gqa = q.size(1) != k.size(1)
+    if mask.block_mask is not None:
+        global _compiled_flex_attention
+        if _compiled_flex_attention is None:  # compiled once: uncompiled, flex is a slow reference
+            from torch.nn.attention.flex_attention import flex_attention
+            _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex_attention(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
+    out = []
+    for q0, q1, k0, allowed in mask.tiles:
+        qt, kt, vt = q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1]
+        if use_matmul_attention(qt, q1 - k0):
+            out.append(masked_attention_cpu(qt, kt, vt, allowed))
+        else:
+            out.append(F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed[:, None], enable_gqa=gqa))
+    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
 
 class KVCache:
@@ -150,7 +239,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, mask: DocumentMask | None = None, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -160,23 +249,22 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if cache is None:
-            mask, causal = None, True
-        else:
-            # Append this step's keys and values; attend over everything so far.
-            start = cache.pos
-            cache.k[layer][:, :, start : start + T] = k
-            cache.v[layer][:, :, start : start + T] = v
-            k, v = cache.k[layer][:, :, : start + T], cache.v[layer][:, :, : start + T]
-            # Query i sits at position start + i and may see keys 0 .. start + i.
-            causal = False
-            mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-
-        if causal and use_matmul_attention(q):
+        if mask is not None:
+            y = document_attention(q, k, v, mask)
+        elif cache is None and use_matmul_attention(q):
             y = causal_attention_cpu(q, k, v)
         else:
+            attn_mask = None
+            if cache is not None:
+                # Append this step's keys and values; attend over everything so far.
+                start = cache.pos
+                cache.k[layer][:, :, start : start + T] = k
+                cache.v[layer][:, :, start : start + T] = v
+                k, v = cache.k[layer][:, :, : start + T], cache.v[layer][:, :, : start + T]
+                # Query i sits at position start + i and may see keys 0 .. start + i.
+                attn_mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
             # Grouped-query attention: each KV head serves n_heads / n_kv_heads query heads.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=cache is None,
                                                enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -235,9 +323,71 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MoE(config) if config.n_experts else MLP(config.dim, config.hidden_dim)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ---------------------------------------------------------------------------
+# The loss
+# ---------------------------------------------------------------------------
+
+# Logits formed at once by the loss: rows × vocab ≈ 2^23 (32 MiB in fp32); docs/training.md measures it.
+LOSS_CHUNK_ELEMENTS = 2**23
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Σ cross_entropy(x @ weight.T, targets) over rows, never holding more than one chunk's logits.
+
+    x (N, C), weight (V, C), targets (N,) → fp32 scalar. The gradient of a
+    cross-entropy is softmax − one-hot, so each chunk's gradients for x and
+    weight are formed in the forward pass, right after its logits, and the
+    backward only scales them by the incoming gradient: no logits are kept and
+    none recomputed. The matmuls run in `dtype` (autocast's, or x's own), as
+    F.linear under autocast would; the weight's gradient sums in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, dtype):
+        N, V = x.size(0), weight.size(0)
+        rows = max(1, LOSS_CHUNK_ELEMENTS // V)
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(x) if want_x else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        loss = torch.zeros((), device=x.device, dtype=torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            w = weight.to(dtype)
+            for i in range(0, N, rows):
+                xs, ts = x[i : i + rows].to(dtype), targets[i : i + rows]
+                logits = (xs @ w.t()).float()  # (rows, V)
+                lse = torch.logsumexp(logits, dim=-1)
+                loss += (lse - logits.gather(1, ts[:, None]).squeeze(1)).sum()
+                if want_x or want_w:
+                    d = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    d[torch.arange(len(ts), device=d.device), ts] -= 1.0
+                    d = d.to(dtype)
+                    if want_x:
+                        grad_x[i : i + rows] = d @ w
+                    if want_w and dtype == torch.float32:
+                        grad_w.addmm_(d.t(), xs)
+                    elif want_w:
+                        grad_w += d.t() @ xs
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return (grad_x * grad_loss if grad_x is not None else None,
+                (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None, None, None)
+
+
+def linear_cross_entropy(x, weight, targets):
+    """Summed token cross-entropy of the logits x @ weight.T (fp32 scalar), in autocast's dtype when it is on."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    return LinearCrossEntropy.apply(x, weight, targets, dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -256,6 +406,8 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.checkpoint_blocks = False
+        """Activation checkpointing per block (set by the trainer): recompute each block in backward."""
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -270,24 +422,45 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """idx: (B, T) token ids → (logits (B, T, vocab), MoE balance loss (scalar, 0 when dense))."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, targets: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None):
+        """idx: (B, T) token ids → (logits (B, T, vocab), MoE balance loss (scalar, 0 when dense)).
+
+        targets (B, T): the first result is instead the sum of the tokens' cross-entropies (fp32
+        scalar), computed without ever holding the logits (LinearCrossEntropy).
+        doc_ids (B, T), a document number per token (such as the count of BOS tokens so far):
+        each token attends only to earlier tokens of its own document.
+        positions (B, T): RoPE positions, e.g. document_positions(doc_ids), which restart at
+        each document; by default 0 .. T - 1 after whatever the cache holds.
+        """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        if cache is not None and (doc_ids is not None or positions is not None):
+            raise ValueError("doc_ids and positions are for training: generation with a cache is plain causal")
+        if positions is None:
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        else:
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hd)
+        mask = document_mask(doc_ids) if doc_ids is not None else None
 
         x = self.embed_tokens(idx)  # (B, T, C)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                # Keep only the block's input; its activations are recomputed during backward.
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
         x = self.norm(x)
+        aux = sum((layer.mlp.aux_loss for layer in self.layers if isinstance(layer.mlp, MoE)), torch.zeros((), device=idx.device))
+        aux = aux * self.config.aux_loss_coef
+        if targets is not None:
+            return linear_cross_entropy(x.view(B * T, -1), self.embed_tokens.weight, targets.reshape(B * T)), aux
         logits = F.linear(x, self.embed_tokens.weight)  # tied output head: (B, T, V)
         if cache is not None:
             cache.pos += T
-
-        aux = sum((layer.mlp.aux_loss for layer in self.layers if isinstance(layer.mlp, MoE)), torch.zeros((), device=idx.device))
-        return logits, aux * self.config.aux_loss_coef
+        return logits, aux
 
     @torch.no_grad()
     def generate_next(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.architecture import build_config
+import pipeline.model as M
 from pipeline.model import KVCache, Transformer, causal_attention_cpu, use_matmul_attention
 
 
@@ -55,3 +56,150 @@ def test_both_attention_paths_give_the_same_logits():
         cached, _ = model(idx, KVCache(model.config, 2, 24, "cpu", torch.bfloat16))
     assert (plain.float() - cached.float()).abs().max() < 0.1
     assert (plain.float().argmax(-1) == cached.float().argmax(-1)).float().mean() > 0.95
+
+
+# ---------------------------------------------------------------------------
+# Document attention and positions
+# ---------------------------------------------------------------------------
+
+BOS = 1
+
+
+def packed_window(B: int, T: int, vocab: int, n_docs: int, seed: int):
+    """Inputs with BOS at a few random places (row 0 starts with one, row 1 opens on a document's tail)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(3, vocab, (B, T), generator=g)
+    for b in range(B):
+        idx[b, torch.randperm(T - 1, generator=g)[: n_docs - 1] + 1] = BOS
+    idx[0, 0] = BOS
+    return idx, torch.randint(3, vocab, (B, T), generator=g), torch.cumsum(idx == BOS, dim=1)
+
+
+def test_document_positions_restart_at_each_document():
+    doc_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [1, 1, 1, 1, 2, 2]])
+    assert M.document_positions(doc_ids).tolist() == [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 0, 1]]
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_masked_attention_matches_sdpa(half):
+    """The matmul path under a document mask equals SDPA with the same boolean mask (values, gradients)."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 20, 16, requires_grad=True)
+    k = torch.randn(2, 2, 29, 16, requires_grad=True)  # a tile: its keys start 9 tokens before its queries
+    v = torch.randn(2, 2, 29, 16, requires_grad=True)
+    doc = torch.tensor([[0] * 12 + [1] * 17, [2] * 3 + [3] * 26])
+    allowed = (doc[:, 9:, None] == doc[:, None, :]) & (torch.arange(9, 29)[:, None] >= torch.arange(29)[None])
+    g = torch.randn(2, 8, 20, 16)
+    cast = (lambda t: t.bfloat16()) if half else (lambda t: t)
+    ours = M.masked_attention_cpu(cast(q), cast(k), cast(v), allowed).float()
+    (ours * g).sum().backward()
+    our_grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=True)
+    (ref * g).sum().backward()
+    tol = 0.05 if half else 1e-5
+    assert (ours - ref).abs().max() < tol
+    for mine, t in zip(our_grads, (q, k, v)):
+        assert (mine - t.grad).abs().max() < tol * 4
+
+
+@pytest.mark.parametrize("preset", ["tiny", "minimind3", "minimind2-moe"])  # GQA, QK-norm, MoE
+def test_document_attention_equals_each_document_alone(preset, monkeypatch):
+    """Per-token losses and gradients of a packed window (document attention and positions) equal those
+    of its documents run one by one from position 0, within 1e-5 in fp32; tiles of 16 queries."""
+    monkeypatch.setattr(M, "DOCUMENT_TILE", 16)
+    torch.manual_seed(0)
+    model = Transformer(build_config(preset, 300, {"dim": 64, "n_layers": 2}))
+    idx, targets, doc_ids = packed_window(2, 70, 300, n_docs=6, seed=1)
+
+    logits, _ = model(idx, doc_ids=doc_ids, positions=M.document_positions(doc_ids))
+    packed = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(2, 70)
+    packed.sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    alone, total, runs = torch.zeros(2, 70), 0.0, 0
+    for b in range(2):
+        for d in doc_ids[b].unique():
+            span = (doc_ids[b] == d).nonzero().squeeze(1)
+            lo, hi = span[0].item(), span[-1].item() + 1
+            logits, _ = model(idx[b : b + 1, lo:hi])
+            losses = F.cross_entropy(logits[0], targets[b, lo:hi], reduction="none")
+            alone[b, lo:hi] = losses.detach()
+            total, runs = total + losses.sum(), runs + 1
+    total.backward()
+    assert runs >= 10
+    assert (packed.detach() - alone).abs().max() < 1e-5
+    for name, p in model.named_parameters():
+        assert (packed_grads[name] - p.grad).abs().max() < 1e-5, name
+
+
+def test_document_attention_differs_from_causal_and_skips_keys():
+    """The mask matters (losses change), and each tile's keys start at its first query's document."""
+    torch.manual_seed(0)
+    model = Transformer(build_config("tiny", 300, {"dim": 64, "n_layers": 2}))
+    idx, targets, doc_ids = packed_window(2, 64, 300, n_docs=8, seed=2)
+    with torch.no_grad():
+        causal, _ = model(idx, targets=targets)
+        document, _ = model(idx, targets=targets, doc_ids=doc_ids)
+    assert abs(causal.item() - document.item()) > 1e-3
+
+    # Row 0: documents start at 0, 10, 30 and 40; row 1 at 0 and 37. A tile serves both rows.
+    doc_ids = torch.tensor([[0] * 10 + [1] * 20 + [2] * 10 + [3] * 24, [0] * 37 + [1] * 27])
+    mask = M.document_mask(doc_ids, tile=16)
+    assert [(q0, q1, k0) for q0, q1, k0, _ in mask.tiles] == [(0, 16, 0), (16, 32, 0), (32, 48, 0), (48, 64, 37)]
+    q0, q1, k0, allowed = mask.tiles[3]
+    assert allowed.shape == (2, 16, 27)
+    assert allowed[0, 0].tolist() == [False] * 3 + [True] * 9 + [False] * 15  # query 48 sees keys 40..48 of row 0
+
+
+# ---------------------------------------------------------------------------
+# The loss and activation checkpointing
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_matches_full_logits(dtype, monkeypatch):
+    """Summed cross-entropy and gradients through LinearCrossEntropy, 7 rows per chunk, equal
+    F.cross_entropy over the full fp32 logits: 1e-5 relative in fp32, bf16's rounding under autocast."""
+    monkeypatch.setattr(M, "LOSS_CHUNK_ELEMENTS", 5000 * 7)
+    torch.manual_seed(0)
+    model = Transformer(build_config("tiny", 5000, {"dim": 64, "n_layers": 2}))
+    idx, targets = torch.randint(0, 5000, (3, 40)), torch.randint(0, 5000, (3, 40))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+    with autocast:
+        logits, _ = model(idx)
+    full = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+    full.backward()
+    full_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with autocast:
+        chunked, _ = model(idx, targets=targets)
+    chunked.backward()
+
+    assert chunked.dtype == torch.float32
+    assert abs(chunked.item() - full.item()) <= 1e-5 * full.item()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, p in model.named_parameters():
+        scale = full_grads[name].abs().max()
+        assert (full_grads[name] - p.grad).abs().max() <= tol * scale, name
+
+
+def test_activation_checkpointing_gives_identical_gradients():
+    """Blocks recomputed in backward: the same loss and bit-identical gradients in fp32, with and
+    without document attention (the mask travels through torch.utils.checkpoint)."""
+    torch.manual_seed(0)
+    model = Transformer(build_config("minimind2-moe", 300, {"dim": 64, "n_layers": 2}))
+    idx, targets, doc_ids = packed_window(2, 40, 300, n_docs=4, seed=3)
+    for kwargs in ({}, {"doc_ids": doc_ids, "positions": M.document_positions(doc_ids)}):
+        results = []
+        for checkpointing in (False, True):
+            model.checkpoint_blocks = checkpointing
+            model.zero_grad()
+            loss, aux = model(idx, targets=targets, **kwargs)
+            (loss + aux).backward()
+            results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+        assert results[0][0] == results[1][0]
+        assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))

@@ -1,0 +1,177 @@
+"""Document attention vs causal attention: which kernel wins, and what a training step costs.
+
+Windows are packed from the real document lengths of a corpus (JSONL, tokenized
+with the run's tokenizer: BOS + ids + EOS per document, as `mm tokenize` packs
+them), so the mask has the shape training sees. Two measurements, both in one
+run, the variants alternating round by round so the machine's drift hits all
+alike; the fastest round counts (on a shared machine slower rounds measure the
+neighbours, not the code):
+
+  kernels   attention alone (forward + backward) at minimind2-small's head shape:
+            causal (the model's path), and document attention as one masked SDPA
+            call, one masked matmul call, and tiles of 128/256/512 queries
+            (pipeline.model.document_attention; the kernel inside a tile by
+            pipeline.model.use_matmul_attention)
+  steps     whole training steps of minimind2-small (forward, backward, AdamW),
+            causal vs document attention with document positions, tokens/s
+
+    python bench/bench_attention.py --corpus data/sample.jsonl --tokenizer data/tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+import pipeline.model as M
+from pipeline.architecture import build_config
+from pipeline.hardware import resolve_dtype
+
+
+def document_lengths(corpus: str, tokenizer_dir: str, text_field: str = "text") -> np.ndarray:
+    """Tokens per document as packed in a store: BOS + the text's ids + EOS."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(f"{tokenizer_dir}/tokenizer.json")
+    with open(corpus) as f:
+        texts = [json.loads(line)[text_field] for line in f if line.strip()]
+    return np.array([len(e.ids) + 2 for e in tokenizer.encode_batch(texts, add_special_tokens=False)])
+
+
+def packed_doc_ids(lengths: np.ndarray, batch: int, seq_len: int, seed: int) -> torch.Tensor:
+    """(batch, seq_len) document numbers of stream windows at random places of the packed corpus."""
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    rng = np.random.default_rng(seed)
+    rows = []
+    for start in rng.integers(0, bounds[-1] - seq_len, batch):
+        t = np.arange(start, start + seq_len)
+        rows.append(np.searchsorted(bounds, t, side="right") - np.searchsorted(bounds, start, side="right"))
+    return torch.from_numpy(np.stack(rows)).long()
+
+
+@contextmanager
+def patched(**values):
+    """Set pipeline.model constants for one variant (tile size, matmul-vs-SDPA threshold)."""
+    old = {k: getattr(M, k) for k in values}
+    for k, v in values.items():
+        setattr(M, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(M, k, v)
+
+
+def kernel_variants(T: int) -> dict:
+    """name → (use doc mask, constants): every way the model can compute attention on this machine."""
+    never, always = 0, 2**62
+    return {
+        "causal": (False, {}),
+        "document, one SDPA call": (True, {"DOCUMENT_TILE": T, "CPU_MATMUL_ATTENTION_MAX_SCORES": never}),
+        "document, one matmul call": (True, {"DOCUMENT_TILE": T, "CPU_MATMUL_ATTENTION_MAX_SCORES": always}),
+        **{f"document, tiles of {t}": (True, {"DOCUMENT_TILE": t}) for t in (128, 256, 512) if t < T},
+    }
+
+
+def time_kernels(c, doc_ids, dtype, rounds: int) -> dict:
+    B, T = doc_ids.shape
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, c.n_heads, T, c.head_dim, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(B, c.n_kv_heads, T, c.head_dim, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(B, c.n_kv_heads, T, c.head_dim, generator=g).to(dtype).requires_grad_()
+
+    def run(use_mask):
+        if use_mask:
+            y = M.document_attention(q, k, v, M.document_mask(doc_ids))
+        elif M.use_matmul_attention(q):
+            y = M.causal_attention_cpu(q, k, v)
+        else:
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        y.sum().backward()
+
+    variants = kernel_variants(T)
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (use_mask, constants) in variants.items():
+            with patched(**constants):
+                run(use_mask)  # warm-up
+                t0 = time.perf_counter()
+                run(use_mask)
+                times[name].append(time.perf_counter() - t0)
+    return {name: round(min(ts) * 1000, 1) for name, ts in times.items()}
+
+
+def time_steps(c, doc_ids, dtype, rounds: int, steps: int) -> dict:
+    B, T = doc_ids.shape
+    torch.manual_seed(0)
+    model = M.Transformer(c)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    idx = torch.randint(3, c.vocab_size, (B, T))
+    targets = torch.randint(3, c.vocab_size, (B, T))
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    modes = {"causal": {}, "document": {"doc_ids": doc_ids, "positions": M.document_positions(doc_ids)}}
+
+    def step(kwargs):
+        with autocast:
+            loss, _ = model(idx, targets=targets, **kwargs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = {m: [] for m in modes}
+    for m in modes:
+        step(modes[m])  # warm-up
+    for _ in range(rounds):
+        for m, kwargs in modes.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(kwargs)
+            times[m].append((time.perf_counter() - t0) / steps)
+    out = {m: {"step_s": round(min(ts), 3), "tokens_per_s": round(B * T / min(ts))} for m, ts in times.items()}
+    out["document_over_causal"] = round(out["document"]["tokens_per_s"] / out["causal"]["tokens_per_s"], 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--corpus", default="data/sample.jsonl")
+    ap.add_argument("--tokenizer", default="data/tokenizer")
+    ap.add_argument("--preset", default="minimind2-small")
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024, 4096])
+    ap.add_argument("--tokens", type=int, default=8192, help="tokens per step (batch = tokens / seq_len)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2, help="timed training steps per round and mode")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--skip-steps", action="store_true", help="kernels only")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    lengths = document_lengths(args.corpus, args.tokenizer)
+    c = build_config(args.preset, 6400, {"max_seq_len": max(args.seq_lens)})
+    result = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "dtype": str(dtype).removeprefix("torch."), "preset": args.preset, "tokens_per_step": args.tokens,
+              "document_tokens_median": int(np.median(lengths)), "document_tokens_mean": round(float(lengths.mean()), 1),
+              "by_seq_len": {}}
+    for T in args.seq_lens:
+        doc_ids = packed_doc_ids(lengths, max(1, args.tokens // T), T, seed=T)
+        entry = {"batch": doc_ids.size(0), "documents_per_window": round(float((doc_ids[:, -1] - doc_ids[:, 0] + 1).float().mean()), 1),
+                 "kernel_ms": time_kernels(c, doc_ids, dtype, args.rounds)}
+        if not args.skip_steps:
+            entry["steps"] = time_steps(c, doc_ids, dtype, args.rounds, args.steps)
+        result["by_seq_len"][T] = entry
+        print(json.dumps({T: entry}), flush=True)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
