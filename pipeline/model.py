@@ -406,8 +406,10 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.checkpoint_blocks = False
-        """Activation checkpointing per block (set by the trainer): recompute each block in backward."""
+        # Training modes, set by the trainer; export and generation see a plain causal model.
+        self.document_attention = False  # with doc_ids, tokens attend only within their document
+        self.document_positions = False  # with doc_ids, RoPE positions restart at 0 at each document
+        self.checkpoint_blocks = False  # keep each block's input only; recompute the block in backward
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -423,27 +425,24 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, targets: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None):
+                doc_ids: torch.Tensor | None = None):
         """idx: (B, T) token ids → (logits (B, T, vocab), MoE balance loss (scalar, 0 when dense)).
 
         targets (B, T): the first result is instead the sum of the tokens' cross-entropies (fp32
         scalar), computed without ever holding the logits (LinearCrossEntropy).
-        doc_ids (B, T), a document number per token (such as the count of BOS tokens so far):
-        each token attends only to earlier tokens of its own document.
-        positions (B, T): RoPE positions, e.g. document_positions(doc_ids), which restart at
-        each document; by default 0 .. T - 1 after whatever the cache holds.
+        doc_ids (B, T): a document number per token (the count of BOS tokens so far), used as
+        document_attention and document_positions say; ignored when both are off.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
-        if cache is not None and (doc_ids is not None or positions is not None):
-            raise ValueError("doc_ids and positions are for training: generation with a cache is plain causal")
-        if positions is None:
-            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
-        else:
+        if doc_ids is not None and self.document_positions:
+            positions = document_positions(doc_ids)
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hd)
-        mask = document_mask(doc_ids) if doc_ids is not None else None
+        else:
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        mask = document_mask(doc_ids) if doc_ids is not None and self.document_attention else None
 
         x = self.embed_tokens(idx)  # (B, T, C)
         for i, layer in enumerate(self.layers):

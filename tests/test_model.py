@@ -113,7 +113,8 @@ def test_document_attention_equals_each_document_alone(preset, monkeypatch):
     model = Transformer(build_config(preset, 300, {"dim": 64, "n_layers": 2}))
     idx, targets, doc_ids = packed_window(2, 70, 300, n_docs=6, seed=1)
 
-    logits, _ = model(idx, doc_ids=doc_ids, positions=M.document_positions(doc_ids))
+    model.document_attention = model.document_positions = True
+    logits, _ = model(idx, doc_ids=doc_ids)
     packed = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(2, 70)
     packed.sum().backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -124,7 +125,7 @@ def test_document_attention_equals_each_document_alone(preset, monkeypatch):
         for d in doc_ids[b].unique():
             span = (doc_ids[b] == d).nonzero().squeeze(1)
             lo, hi = span[0].item(), span[-1].item() + 1
-            logits, _ = model(idx[b : b + 1, lo:hi])
+            logits, _ = model(idx[b : b + 1, lo:hi])  # no doc_ids: plain causal from position 0
             losses = F.cross_entropy(logits[0], targets[b, lo:hi], reduction="none")
             alone[b, lo:hi] = losses.detach()
             total, runs = total + losses.sum(), runs + 1
@@ -136,14 +137,19 @@ def test_document_attention_equals_each_document_alone(preset, monkeypatch):
 
 
 def test_document_attention_differs_from_causal_and_skips_keys():
-    """The mask matters (losses change), and each tile's keys start at its first query's document."""
+    """The mask and the positions matter, except together: RoPE sees only distances, which the
+    restart leaves unchanged inside a document. Each tile's keys start at its first query's document."""
     torch.manual_seed(0)
     model = Transformer(build_config("tiny", 300, {"dim": 64, "n_layers": 2}))
     idx, targets, doc_ids = packed_window(2, 64, 300, n_docs=8, seed=2)
+    losses = {}
     with torch.no_grad():
-        causal, _ = model(idx, targets=targets)
-        document, _ = model(idx, targets=targets, doc_ids=doc_ids)
-    assert abs(causal.item() - document.item()) > 1e-3
+        for attention, positions in [(False, False), (False, True), (True, False), (True, True)]:
+            model.document_attention, model.document_positions = attention, positions
+            losses[attention, positions] = model(idx, targets=targets, doc_ids=doc_ids)[0].item()
+    assert abs(losses[False, False] - losses[False, True]) > 1e-3
+    assert abs(losses[False, False] - losses[True, False]) > 1e-1
+    assert abs(losses[True, False] - losses[True, True]) < 1e-4
 
     # Row 0: documents start at 0, 10, 30 and 40; row 1 at 0 and 37. A tile serves both rows.
     doc_ids = torch.tensor([[0] * 10 + [1] * 20 + [2] * 10 + [3] * 24, [0] * 37 + [1] * 27])
@@ -193,12 +199,13 @@ def test_activation_checkpointing_gives_identical_gradients():
     torch.manual_seed(0)
     model = Transformer(build_config("minimind2-moe", 300, {"dim": 64, "n_layers": 2}))
     idx, targets, doc_ids = packed_window(2, 40, 300, n_docs=4, seed=3)
-    for kwargs in ({}, {"doc_ids": doc_ids, "positions": M.document_positions(doc_ids)}):
+    for documents in (False, True):
+        model.document_attention = model.document_positions = documents
         results = []
         for checkpointing in (False, True):
             model.checkpoint_blocks = checkpointing
             model.zero_grad()
-            loss, aux = model(idx, targets=targets, **kwargs)
+            loss, aux = model(idx, targets=targets, doc_ids=doc_ids)
             (loss + aux).backward()
             results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
         assert results[0][0] == results[1][0]
