@@ -2,7 +2,7 @@
 # embedded corpus, `make test` runs the test suite. Both install into .venv.
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
-# The CPU build of torch that lies on this machine's disk; GPU users set
+# The CPU build of torch (a wheel the development machines keep on disk); GPU users set
 # TORCH_SPEC to their own (e.g. TORCH_SPEC='torch>=2.4').
 TORCH_SPEC ?= torch==2.13.0
 

@@ -1,4 +1,4 @@
-"""bf16 autocast vs fp32 on this machine: the same training run twice, compared.
+"""bf16 autocast vs fp32 on the machine it runs on: the same training run twice, compared.
 
 Trains the `tiny` preset (override with --preset/--set-model) for --steps steps in
 fp32 and again in bf16, same seed and data order, through the real loop

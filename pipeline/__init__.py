@@ -1,1 +1,1 @@
-"""mm's engine: an importable library with no CLI code (see DESIGN.md)."""
+"""mm's engine: an importable library with no CLI code (see docs/design.md)."""

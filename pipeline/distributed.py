@@ -79,7 +79,8 @@ def check_same(value: int, world: World, what: str) -> None:
     bounds = torch.tensor([value, -value], dtype=torch.float64)
     dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
     if bounds[0].item() != -bounds[1].item():
-        raise UserError(f"ranks disagree on {what}: rank {world.rank} has {value}, others from {-bounds[1].item():g} to {bounds[0].item():g}")
+        raise UserError(f"ranks disagree on {what}: rank {world.rank} has {value}, "
+                        f"others from {-bounds[1].item():g} to {bounds[0].item():g}")
 
 
 def launcher_command(
@@ -104,7 +105,8 @@ def launcher_command(
 # ---------------------------------------------------------------------------
 
 
-def wrap_model(model: torch.nn.Module, world: World, strategy: str, device: torch.device, find_unused: bool = False) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, world: World, strategy: str, device: torch.device,
+               find_unused: bool = False) -> torch.nn.Module:
     """DDP or FSDP2 around the model when several processes run; the model itself otherwise."""
     if not world.distributed:
         return model

@@ -82,7 +82,7 @@ def _train(p, data, tokenizer, model, resume, allow_data_change, device, gpus, p
             import torch
 
             if torch.cuda.device_count() < gpus:
-                raise UserError(f"--gpus {gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                raise UserError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
                                 "(--device cpu --procs N runs several CPU processes)")
         raise typer.Exit(_run_launcher(cmd))
     if dry_run:

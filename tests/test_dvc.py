@@ -1,4 +1,4 @@
-"""`dvc repro` of the real dvc.yaml, in a fresh copy of the project (issue 7).
+"""`dvc repro` of the real dvc.yaml, in a fresh copy of the project.
 
 One test walks the whole story, because each `dvc repro` costs real training:
 first run → up to date → a param change reruns exactly its stages → new data

@@ -15,8 +15,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages")
 # Modules of training, export and evaluation: the data modules must never reach them.
-TRAINING_AND_EXPORT = {"train", "run_setup", "optim", "distributed", "checkpoint", "model", "architecture",
-                       "hardware", "export", "evaluate", "generate", "gguf", "hf"}
+TRAINING_AND_EXPORT = {"train", "run_setup", "optim", "distributed", "checkpoint", "model", "architecture", "hardware",
+                       "progress", "plots", "runlock", "export", "hf_format", "gguf_writer", "model_card",
+                       "model_loading", "evaluate", "generate"}
 
 
 def module_of(path: Path) -> str:
@@ -145,3 +146,28 @@ def test_every_command_binds_set_to_one_name():
             if "--set" in decls:
                 assert name == "sets", (command.name, name)
         assert "set" not in hints and "set_" not in hints, command.name
+
+
+def test_import_graph_has_no_cycle():
+    graph = {m: imports(m) for m in all_modules()}
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            raise AssertionError("import cycle: " + " → ".join(path[path.index(module):] + [module]))
+        if module in done:
+            return
+        for target in sorted(graph.get(module, ())):
+            visit(target, path + [module])
+        done.add(module)
+
+    for module in graph:
+        visit(module, [])
+
+
+def test_design_picture_names_every_pipeline_module():
+    text = (REPO / "docs" / "design.md").read_text(encoding="utf-8")
+    picture = text.split("## Modules", 1)[1].split("```")[1]
+    words = set(picture.replace(",", " ").replace("(", " ").replace(")", " ").split())
+    missing = [m for m in all_modules() if m.startswith("pipeline.") and m.split(".")[1] not in words]
+    assert not missing, f"docs/design.md's module picture lacks {missing}"

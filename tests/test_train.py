@@ -1,6 +1,6 @@
 """`mm config` and `mm train` through the real CLI, in subprocesses, on the tiny store.
 
-What is shown (issue 3, "Must show"):
+What the tests show:
   exact resume     40 steps straight == 20 steps (train.stop_after) + `--resume auto` for 20 more,
                    bit for bit (train_log rows and final weights), in fp32 and bf16
   accumulation     micro 8×1 == 4×2 == 2×4 per-step losses within 1e-5 (fp32)
@@ -133,7 +133,7 @@ def accumulation_runs(tiny_store, work, model_json) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Must show 2: exact resume
+# Exact resume
 # ---------------------------------------------------------------------------
 
 
@@ -156,7 +156,7 @@ def test_resume_is_bit_exact(resume_runs, work, dtype):
     assert a["model"].keys() == b["model"].keys()
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
-    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         for key in pa:
             assert torch.equal(torch.as_tensor(pa[key]), torch.as_tensor(pb[key])), key
 
@@ -168,7 +168,7 @@ def test_stop_after_leaves_a_resumable_checkpoint(resume_runs, work):
 
 
 # ---------------------------------------------------------------------------
-# Must show 4 (light): bf16 follows fp32
+# bf16 follows fp32 (a short run; bench/bench_precision.py measures the long one)
 # ---------------------------------------------------------------------------
 
 
@@ -177,14 +177,14 @@ def test_bf16_loss_curve_tracks_fp32(resume_runs, work):
     bf16 = [r["loss"] for r in read_log(work / "straight_bf16" / "train_log.tsv")]
     assert len(fp32) == len(bf16) == 40
     assert fp32 != bf16  # bf16 autocast really ran: the numbers differ ...
-    worst = max(abs(b - f) / f for f, b in zip(fp32, bf16))
+    worst = max(abs(b - f) / f for f, b in zip(fp32, bf16, strict=True))
     assert worst < 0.03, f"bf16 loss differs from fp32 by up to {worst:.2%}"  # ... but by little
     metrics = json.loads((work / "straight_bf16" / "metrics.json").read_text())
     assert metrics["dtype"] == "bfloat16"
 
 
 # ---------------------------------------------------------------------------
-# Must show 3: accumulation is exact; must show 1 (small): the loss falls; progress lines
+# Accumulation is exact; the loss falls; progress lines
 # ---------------------------------------------------------------------------
 
 
@@ -194,7 +194,7 @@ def test_accumulation_is_exact(accumulation_runs, work):
     reference = curves[8, 1]
     assert len(reference) == 30
     for key, curve in curves.items():
-        worst = max(abs(a - b) for a, b in zip(reference, curve))
+        worst = max(abs(a - b) for a, b in zip(reference, curve, strict=True))
         assert len(curve) == 30 and worst < 1e-5, f"micro {key[0]} × {key[1]}: max |Δloss| {worst:.2e}"
 
 
