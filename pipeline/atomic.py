@@ -6,11 +6,14 @@ cut). On any error the temporary file is removed and the target is untouched.
 Everything the pipeline writes for someone else to read goes through here
 (checkpoints have their own writer in pipeline/checkpoint.py for fault
 injection and torch.save's error reporting, built on the same `fsync_dir`).
+A directory written as a whole (an export, a token store) is staged under a
+temporary name and published with `publish_dir`.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +51,34 @@ def write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
 def write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_file(path, "wb") as f:
         f.write(data)
+
+
+def publish_dir(staged: str | Path, target: str | Path) -> None:
+    """Make a fully written directory appear at `target` in one rename (`staged` is a sibling of it).
+
+    Every file and directory under `staged` is fsynced first, so what appears is complete on
+    disk. An existing `target` is moved aside first (a directory cannot be renamed over a
+    non-empty one) and removed only after the new one is in place; if the rename fails, the old
+    one is put back."""
+    staged, target = Path(staged), Path(target)
+    for path in sorted(staged.rglob("*"), reverse=True):  # files before the directories holding them
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(staged)
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    try:
+        os.replace(staged, target)
+    except OSError:
+        if old.exists() and not target.exists():
+            os.replace(old, target)
+        raise
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def fsync_dir(path: str | Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import atomic
 from pipeline.errors import UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -101,10 +102,8 @@ def cpu_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     measured = measure_matmul_flops(device, dtype, seconds=0.3 if cached else 2.0)
     if measured > cached:
         try:  # best effort: a read-only home only costs the longer probe next time
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps({**(known if isinstance(known, dict) else {}), key: measured}, indent=1))
-            os.replace(tmp, cache)
+            updated = {**(known if isinstance(known, dict) else {}), key: measured}
+            atomic.write_text(cache, json.dumps(updated, indent=1))
         except OSError:
             pass
     return max(measured, cached)
