@@ -23,7 +23,7 @@ from pipeline import distributed
 from pipeline.architecture import flops_per_token, load_model_json
 from pipeline.checkpoint import check_compatible, pick_checkpoint
 from pipeline.errors import UserError
-from pipeline.hardware import peak_flops, pick_device, resolve_dtype
+from pipeline.hardware import peak_flops, peak_source, pick_device, resolve_dtype
 from pipeline.model import ModelConfig, Transformer
 from pipeline.optim import make_optimizer
 from pipeline.params import TrainParams
@@ -89,7 +89,6 @@ class Run:
         """A line on stderr from rank 0 (before the display exists)."""
         if self.world.is_main:
             print(text, file=sys.stderr, flush=True)
-
 
 
 def setup(tp: TrainParams, store_path, tokenizer_dir, model_path, resume: str, allow_data_change: bool,
@@ -169,6 +168,7 @@ def open_outputs(run: Run, cleanup: ExitStack) -> None:
         cleanup.callback(run.val_log.close)
     run.flops_per_token = flops_per_token(run.model_config, run.tp.seq_len)
     run.peak_flops = peak_flops(run.device, run.amp_dtype) * run.world.size if main else 1.0
+    run.display.peak_source = peak_source(run.device)  # the bar says what MFU is measured against
     run.nan_steps = injected_nan_steps()
 
 
