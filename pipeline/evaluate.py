@@ -1,28 +1,59 @@
-"""Validation loss, perplexity and bits per byte on the val split of a token store.
+"""The one evaluator: loss, perplexity and bits per byte of a model on held-out tokens.
 
-Windows: window i is val_tokens[i·T : i·T + T + 1] (T = seq_len), inputs its
-first T tokens, targets its last T. Consecutive windows share one boundary
-token, so every val token after the first is a target exactly once and the
-order is fixed: no sampling, the same numbers every run. `batches` ×
-`batch_size` windows are scored from the start (batches 0 = all of them).
+Training's validation (pipeline/train.py), per-source validation and `mm eval`
+all go through `score_tokens`, so they use one window rule and one
+cross-entropy helper:
+
+- Windows (the stream view). Window i is tokens[i·T : i·T + T + 1]
+  (T = seq_len): inputs its first T tokens, targets its last T, the layout
+  training reads. `count` windows are scored, evenly spread over the split
+  (`sampler.eval_windows`; count 0 or ≥ the number of windows = all of them,
+  and then every token after the first is a target exactly once). No
+  sampling: the same numbers at every evaluation.
+- Per document (`per_document=True`, needs the document offsets). Each
+  document is scored on its own: its pieces of at most T + 1 tokens never
+  cross into another document, positions start at 0 in each, and no earlier
+  text is seen. Every target of a document is scored once (a document longer
+  than T + 1 tokens is cut into consecutive pieces, each starting afresh).
+  The same spreading rule picks `count` pieces. This puts models trained
+  with and without document masking on the same footing.
 
 Bits per byte = (Σ nats over the scored targets / ln 2) / (UTF-8 bytes those
 targets stand for). Each token's byte count comes from its byte-level BPE
 string (special tokens — BOS/EOS — stand for 0 bytes of text but their loss
 is counted: predicting where a document ends is part of modelling it), so
-bits_per_byte == val_loss · tokens / (ln 2 · bytes) exactly. Unlike loss per
+bits_per_byte == loss · tokens / (ln 2 · bytes) exactly. Unlike loss per
 token, it compares models with different tokenizers.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.errors import UserError
+from pipeline.sampler import eval_windows
+
+IGNORE = -100
+"""Target id that scores nothing (padding of per-document pieces); F.cross_entropy's default."""
+
+
+def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ next-token cross-entropy in nats over every target (IGNORE excluded), computed in fp32.
+
+    The one cross-entropy of the project: training's loss, validation and `mm eval`."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+# ---------------------------------------------------------------------------
+# Bytes per token
+# ---------------------------------------------------------------------------
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -53,68 +84,136 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
     return lengths
 
 
+# ---------------------------------------------------------------------------
+# The scorer
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Score:
+    nats: float
+    """Σ cross-entropy over the scored targets."""
+    tokens: int
+    """Targets scored."""
+    bytes: int
+    """UTF-8 bytes those targets stand for (0 when no byte lengths were given)."""
+    windows: int
+    """Windows (or per-document pieces) scored."""
+
+    @property
+    def loss(self) -> float:
+        return self.nats / self.tokens if self.tokens else float("nan")
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nats / math.log(2) / self.bytes if self.bytes else float("nan")
+
+
+def stream_spans(n_tokens: int, seq_len: int) -> np.ndarray:
+    """(start, end) of every stream window: [i·T, i·T + T + 1)."""
+    starts = np.arange((n_tokens - 1) // seq_len, dtype=np.int64) * seq_len
+    return np.stack([starts, starts + seq_len + 1], axis=1)
+
+
+def document_spans(doc_offsets: np.ndarray, seq_len: int) -> np.ndarray:
+    """(start, end) of the per-document pieces: each document cut into pieces of at most
+    seq_len + 1 tokens that share one boundary token, so each target is scored once."""
+    spans = []
+    for start, end in zip(doc_offsets[:-1].tolist(), doc_offsets[1:].tolist()):
+        for s in range(start, end - 1, seq_len):
+            spans.append((s, min(s + seq_len + 1, end)))
+    return np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+
+
 @torch.no_grad()
-def evaluate_tokens(model, tokens, byte_lengths: np.ndarray, seq_len: int, batches: int, batch_size: int,
-                    device="cpu", source: str = "val split") -> dict:
-    """Score non-overlapping windows of seq_len + 1 over `tokens` (anything sliceable to numpy)."""
-    if seq_len < 1 or batch_size < 1 or batches < 0:
-        raise UserError("eval: seq_len and batch_size must be positive, batches >= 0")
-    if seq_len > model.config.max_seq_len:
-        raise UserError(f"eval: seq_len {seq_len} exceeds the model's context ({model.config.max_seq_len})")
-    n_windows = (len(tokens) - 1) // seq_len
-    if n_windows < 1:
-        raise UserError(f"{source}: {len(tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1} (lower --seq-len)")
-    if batches:
-        n_windows = min(n_windows, batches * batch_size)
+def score_tokens(model, tokens, seq_len: int, count: int = 0, batch_size: int = 8, device="cpu",
+                 byte_lengths: np.ndarray | None = None, doc_offsets: np.ndarray | None = None,
+                 autocast=None) -> Score:
+    """Score a token view (anything 1-D that slices to numpy: a split, a source, a part).
 
-    from pipeline.sampler import WindowSampler
-
-    windows = WindowSampler(tokens, seq_len, seed=0)  # the training window layout; read in order, no permutation
-    total_nats, total_tokens, total_bytes = 0.0, 0, 0
+    Stream windows by default; one piece per document (or document part) when `doc_offsets`
+    is given. `count` pieces evenly spread (0 = all). `autocast`: a context the forward runs
+    in (training's precision); None = the model's own dtype. Leaves the model in eval mode."""
+    spans = stream_spans(len(tokens), seq_len) if doc_offsets is None else document_spans(np.asarray(doc_offsets), seq_len)
+    picked = spans[eval_windows(len(spans), count or len(spans))]
+    nats, n_tokens, n_bytes = 0.0, 0, 0
     model.eval()
-    for first in range(0, n_windows, batch_size):
-        x, y = windows.batch(np.arange(first, min(first + batch_size, n_windows)))  # (B, T) each
-        total_bytes += int(byte_lengths[y.numpy()].sum())
-        x, y = x.to(device), y.to(device)
-        logits, _ = model(x)
-        nats = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
-        total_nats += float(nats)
-        total_tokens += y.numel()
-
-    loss = total_nats / total_tokens
-    return {
-        "val_loss": loss,
-        "perplexity": math.exp(loss),
-        "bits_per_byte": total_nats / math.log(2) / total_bytes if total_bytes else float("nan"),
-        "tokens": total_tokens,
-        "bytes": total_bytes,
-        "bytes_per_token": total_bytes / total_tokens,
-        "windows": n_windows,
-        "seq_len": seq_len,
-    }
+    for first in range(0, len(picked), batch_size):
+        x, y = _batch(tokens, picked[first : first + batch_size], seq_len)
+        valid = y != IGNORE
+        if byte_lengths is not None:
+            n_bytes += int(byte_lengths[y[valid].numpy()].sum())
+        with autocast or nullcontext():
+            logits, _ = model(x.to(device))
+        nats += float(token_nll_sum(logits, y.to(device)))
+        n_tokens += int(valid.sum())
+    return Score(nats=nats, tokens=n_tokens, bytes=n_bytes, windows=len(picked))
 
 
-def evaluate_model(model_path, store_path, seq_len: int, batches: int, batch_size: int, device: str | None = None) -> dict:
+def _batch(tokens, spans: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of these spans; shorter spans are padded at the end (inputs with
+    their last token, targets with IGNORE), which a causal model never looks back at."""
+    width = int((spans[:, 1] - spans[:, 0]).max()) - 1
+    x = np.empty((len(spans), width), dtype=np.int64)
+    y = np.full((len(spans), width), IGNORE, dtype=np.int64)
+    for row, (start, end) in enumerate(spans.tolist()):
+        piece = np.asarray(tokens[start:end]).astype(np.int64)
+        n = len(piece) - 1
+        x[row, :n], x[row, n:] = piece[:-1], piece[-2]
+        y[row, :n] = piece[1:]
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+# ---------------------------------------------------------------------------
+# `mm eval`
+# ---------------------------------------------------------------------------
+
+
+def evaluate_model(model_path, store_path, seq_len: int, batches: int, batch_size: int, device: str | None = None,
+                   per_document: bool = False) -> dict:
     """`mm eval`: load a checkpoint or export, check it matches the store's tokenizer, score the val split.
 
-    `device`: None/"auto", "cpu" or "cuda" (`hardware.pick_device`; anything else is a UserError)."""
-    from pipeline.model_loading import load_model
+    `batches` × `batch_size` windows (0 = all). `device`: None/"auto", "cpu" or "cuda"
+    (`hardware.pick_device`; anything else is a UserError)."""
     from pipeline.hardware import pick_device
+    from pipeline.model_loading import load_model
     from pipeline.token_store import open_store
 
+    if seq_len < 1 or batch_size < 1 or batches < 0:
+        raise UserError("eval: seq_len and batch_size must be positive, batches >= 0")
     device = pick_device(device, local_rank=0)
     store = open_store(store_path)
     loaded = load_model(model_path, device=device)
     model_vocab = loaded.model.config.vocab_size
+    if seq_len > loaded.model.config.max_seq_len:
+        raise UserError(f"eval: seq_len {seq_len} exceeds the model's context ({loaded.model.config.max_seq_len})")
     if store.vocab_size > model_vocab:
         raise UserError(f"{store_path}: store vocabulary ({store.vocab_size}) is larger than the model's ({model_vocab}): different tokenizer")
     trained_on = (loaded.meta.get("data") or {}).get("tokenizer_sha256")
     if trained_on and trained_on != store.tokenizer_fingerprint:
         raise UserError(f"{store_path}: tokenized with a different tokenizer than {model_path} was trained on (tokenizer fingerprint differs)")
-    lengths = token_byte_lengths(loaded.tokenizer, model_vocab)
-    result = evaluate_tokens(loaded.model, store.val.tokens, lengths, seq_len, batches, batch_size, device,
-                             source=f"{store_path} val/tokens")
-    result.update(model=str(model_path), data=str(store_path))
+    val = store.val
+    if len(val.tokens) < seq_len + 1 and not per_document:
+        raise UserError(f"{store_path} val/tokens: {len(val.tokens)} tokens, fewer than one window of "
+                        f"seq_len + 1 = {seq_len + 1} (lower --seq-len)")
+    score = score_tokens(loaded.model, val.tokens, seq_len, batches * batch_size, batch_size, device,
+                         byte_lengths=token_byte_lengths(loaded.tokenizer, model_vocab),
+                         doc_offsets=val.doc_offsets if per_document else None)
+    if not score.tokens:
+        raise UserError(f"{store_path} val: no document has two tokens to score")
+    result = {
+        "val_loss": score.loss,
+        "perplexity": math.exp(score.loss),
+        "bits_per_byte": score.bits_per_byte,
+        "tokens": score.tokens,
+        "bytes": score.bytes,
+        "bytes_per_token": score.bytes / score.tokens,
+        "windows": score.windows,
+        "seq_len": seq_len,
+        "mode": "per-document" if per_document else "stream",
+        "model": str(model_path),
+        "data": str(store_path),
+    }
     train_val = (loaded.meta.get("metrics") or {}).get("val_loss")
     if isinstance(train_val, (int, float)):
         result["train_val_loss"] = float(train_val)
