@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pipeline import distributed
 from pipeline.checkpoint import all_finite, checkpoint_state, save_checkpoint
@@ -34,7 +33,8 @@ from pipeline.params import Params, TrainParams, check_params
 from pipeline.plots import write_loss_png
 from pipeline.progress import write_metrics
 from pipeline.run_setup import Run, StopRequest, open_outputs, setup
-from pipeline.sampler import WindowSampler, eval_windows
+from pipeline.sampler import WindowSampler
+from pipeline.scoring import score_tokens, token_nll_sum
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; rerun to resume
 
@@ -136,7 +136,7 @@ def train_step(run: Run, step: int) -> StepStats:
         distributed.set_gradient_sync(run.model, m == tp.accumulation_steps - 1)
         with run.autocast:
             logits, aux_loss = run.forward(x)
-        token_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+        token_loss = token_nll_sum(logits, y)
         micro_loss = token_loss / (tp.seq_len * tp.rank_batch)
         objective = micro_loss + aux_loss / tp.accumulation_steps
         reductions = counter.reductions if counter else 0
@@ -236,20 +236,12 @@ def finish(run: Run, step: int, elapsed: float) -> dict:
 # ---------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def evaluate(model, val_data: WindowSampler, tp: TrainParams, device, autocast) -> float:
-    """Mean loss over the fixed validation windows; every rank scores all of them (cheap, exact)."""
-    model.eval()
-    windows = eval_windows(val_data.n_windows, tp.eval_batches * tp.micro_batch_size)
-    total, count = 0.0, 0
-    for i in range(0, len(windows), tp.micro_batch_size):
-        x, y = val_data.batch(windows[i : i + tp.micro_batch_size])
-        with autocast:
-            logits, _ = model(x.to(device))
-        logits = logits.float().view(-1, logits.size(-1))
-        total += F.cross_entropy(logits, y.to(device).reshape(-1), reduction="sum").item()
-        count += y.numel()
+    """Mean loss over the fixed validation windows, scored by the evaluator `mm eval` uses
+    (pipeline/scoring.py: same window rule, same cross-entropy); every rank scores all of them."""
+    score = score_tokens(model, val_data.tokens, tp.seq_len, tp.eval_batches * tp.micro_batch_size,
+                         tp.micro_batch_size, device, autocast=autocast)
     model.train()
-    return total / count
+    return score.loss
 
 

@@ -1,4 +1,4 @@
-"""The one evaluator (pipeline/evaluate.py): stream windows and per-document scoring.
+"""The one scorer (pipeline/scoring.py) and `mm eval`: stream windows and per-document scoring.
 
 A tiny random-init model on the shared `tiny_store` val split; the scorer's
 sums are checked against the model run by hand, window by window and
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluate import IGNORE, document_spans, score_tokens, stream_spans, token_nll_sum
+from pipeline.scoring import IGNORE, document_spans, score_tokens, stream_spans, token_nll_sum
 
 
 @pytest.fixture(scope="module")
