@@ -37,7 +37,7 @@ from pipeline.train import train
 def prepare_data(work: Path, vocab: int) -> tuple[Path, Path]:
     from pipeline.corpus import write_sample
     from pipeline.tokenize import tokenize_files
-    from pipeline.tokenizer import train_tokenizer
+    from pipeline.tokenizer_training import train_tokenizer
 
     corpus, tokenizer, store = work / "sample.jsonl", work / "tokenizer", work / "tokens.zarr"
     if not store.exists():

@@ -39,7 +39,8 @@ def fabricate(root: Path) -> list[Path]:
     from pipeline.checkpoint import save_checkpoint
     from pipeline.corpus import write_sample
     from pipeline.model import Transformer
-    from pipeline.tokenizer import load_tokenizer, train_tokenizer
+    from pipeline.tokenizer import load_tokenizer
+    from pipeline.tokenizer_training import train_tokenizer
 
     corpus = root / "sample.jsonl"
     write_sample(corpus)

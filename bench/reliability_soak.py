@@ -40,7 +40,7 @@ def main() -> int:
     from pipeline.checkpoint import find_resumable, load_checkpoint
     from pipeline.corpus import write_sample
     from pipeline.tokenize import tokenize_files
-    from pipeline.tokenizer import train_tokenizer
+    from pipeline.tokenizer_training import train_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="mm-soak-"))
     write_sample(root / "sample.jsonl")

@@ -36,8 +36,12 @@ class ParamError(UserError):
 
 @dataclass
 class DataParams:
-    raw: str = "data/sample.jsonl"
-    """The raw JSONL corpus (one {"text": ...} per line); point it at your own."""
+    sources: dict = field(default_factory=lambda: {"sample": {"path": "data/sample.jsonl", "weight": 1.0,
+                                                              "text_field": "text"}})
+    """Named sources of raw text: NAME → {path, weight, text_field}. path: a file, a list of
+    files or a directory (.jsonl, .jsonl.gz, .jsonl.zst, .parquet, a `datasets` directory);
+    weight: share of training samples (normalised; 0 leaves the source out); text_field:
+    defaults to data.text_field. Checked by `pipeline.sources`."""
     val_fraction: float = 0.02
     """Fraction of documents (chosen by a hash of their text) held out for validation."""
     text_field: str = "text"
@@ -46,12 +50,19 @@ class DataParams:
     def check(self) -> None:
         if not 0.0 <= self.val_fraction <= 1.0:
             raise ParamError("data.val_fraction", f"must be in [0, 1], got {self.val_fraction}")
+        from pipeline.sources import parse_sources
+
+        parse_sources(self.sources, self.text_field)  # a UserError naming data.sources.NAME.KEY
 
 
 @dataclass
 class TokenizerParams:
     vocab_size: int = 6400
     """Vocabulary size of the byte-level BPE tokenizer, special tokens included."""
+    sources: list = field(default_factory=lambda: ["sample"])
+    """Names of data.sources the tokenizer is trained on; a params file without the key means
+    every source. Naming them keeps a new source from retraining the tokenizer, which would
+    invalidate every token store."""
 
 
 @dataclass
@@ -183,6 +194,9 @@ def check_params(params: Params) -> None:
         check = getattr(getattr(params, f.name), "check", None)
         if check is not None:
             check()
+    for name in params.tokenizer.sources:
+        if name not in params.data.sources:
+            raise ParamError("tokenizer.sources", f"names '{name}', which is not in data.sources")
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
@@ -221,6 +235,8 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
             raise UserError(f"--set {item!r}: the value is not a valid YAML scalar") from None
         _assign(section, section_name, key, value, "--set")
         origin[key_path] = "--set"
+    if "tokenizer.sources" not in origin:  # absent: every source in data.sources
+        params.tokenizer.sources = list(params.data.sources)
     try:
         check_params(params)
     except ParamError as e:
@@ -241,9 +257,23 @@ def _assign(section, section_name: str, key: str, value, source: str) -> None:
         section.overrides[key] = value
         return
     types = typing.get_type_hints(type(section))
+    head, dot, rest = key.partition(".")
+    if dot and types.get(head) is dict:
+        # data.sources.web.weight=0.3: one entry inside a mapping-valued key.
+        _assign_nested(getattr(section, head), rest.split("."), value, f"{section_name}.{head}", source)
+        return
     if key not in {f.name for f in dataclasses.fields(section)}:
         raise UserError(f"{source}: unknown key '{section_name}.{key}'")
     setattr(section, key, _coerce(value, types[key], f"{section_name}.{key}", source))
+
+
+def _assign_nested(mapping: dict, keys: list[str], value, name: str, source: str) -> None:
+    for k in keys[:-1]:
+        name = f"{name}.{k}"
+        if not isinstance(mapping.get(k, {}), dict):
+            raise UserError(f"{source}: '{name}' is not a mapping")
+        mapping = mapping.setdefault(k, {})
+    mapping[keys[-1]] = value
 
 
 def _coerce(value, annotation, name: str, source: str):
@@ -265,6 +295,8 @@ def _coerce(value, annotation, name: str, source: str):
         value = str(value)
     if expected is dict and value is None:
         value = {}
+    if expected is list and isinstance(value, str):
+        value = [value]  # --set tokenizer.sources=web
     ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
     if expected is float and ok and not math.isfinite(value):
         ok = False

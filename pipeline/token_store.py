@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.sources import SOURCE_NAME
 
 FORMAT_NAME = "mm-tokens"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+STORE_VERSION = FORMAT_VERSION  # the version with sources and parts
 SPLITS = ("train", "val")
 ATTRS_CHECKSUM = "attrs_sha256"
 
@@ -45,8 +47,7 @@ ATTRS_CHECKSUM = "attrs_sha256"
 # parts (temporary directories and lock files of writers in progress). A source is
 # complete when parts 0..N-1 of one N all exist; its documents are its parts' in order.
 
-STORE_VERSION = 2
-ROOT_KEYS = ("format", "version", "dtype", "tokenizer", ATTRS_CHECKSUM)
+ROOT_KEYS = ("format", "version", "dtype", "tokenizer", ATTRS_CHECKSUM)  # version: FORMAT_VERSION
 """Attributes of the store's root group (the same for every source)."""
 PART_KEYS = ("format", "version", "dtype", "tokenizer", "source", "part", "text_field", "val_fraction",
              "split_hash", "inputs", "counts", "rejected", "chunk_sha256", ATTRS_CHECKSUM)
@@ -54,8 +55,6 @@ PART_KEYS = ("format", "version", "dtype", "tokenizer", "source", "part", "text_
 {unit: bytes|rows|row_groups|file, start, end}, lines|rows}]; counts = {lines, kept, rejected,
 train/val {documents, tokens, bytes}}; rejected = {reason: {count, first_lines}};
 chunk_sha256 = {"train/tokens/c/0": sha256 hex, ...} for every chunk file of the part."""
-SOURCE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-"""A source name is a directory name: letters, digits, _ . - (not starting with a dot)."""
 PART_NAME = re.compile(r"part-(\d{5})-of-(\d{5})")
 MAX_PARTS = 99_999
 
@@ -184,7 +183,8 @@ class TokenStore:
     def fingerprint(self) -> str:
         """sha256 of the attributes that define the data (format, tokenizer, sources,
         split rule, counts): equal stores give equal fingerprints wherever they lie."""
-        keys = ("format", "version", "dtype", "tokenizer", "text_field", "val_fraction", "sources", "counts")
+        keys = ("format", "version", "dtype", "tokenizer", "source", "part", "text_field", "val_fraction",
+                "inputs", "counts")
         canon = json.dumps({k: self.attrs.get(k) for k in keys}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()
 
@@ -268,11 +268,8 @@ def _open_split(root: Path, name: str, dtype: np.dtype, counts: dict) -> Split:
     return Split(tokens=tokens, doc_offsets=offsets)
 
 
-def open_store(path: str | Path) -> TokenStore:
-    """Open and validate a token store written by `mm tokenize`."""
-    root = Path(path)
-    if not root.exists():
-        raise UserError(f"{root}: token store not found (run `mm tokenize` first)")
+def read_group_attrs(root: Path, checksum: bool = True) -> tuple[Path, dict]:
+    """(zarr.json path, attributes) of an mm group of format 2, checked down to its checksum."""
     meta_path = root / "zarr.json"
     if not meta_path.is_file():
         raise UserError(f"{root}: not a token store (no zarr.json)")
@@ -283,8 +280,27 @@ def open_store(path: str | Path) -> TokenStore:
     if attrs.get("format") != FORMAT_NAME:
         raise UserError(f"{meta_path}: not an mm token store (format {attrs.get('format')!r})")
     if attrs.get("version") != FORMAT_VERSION:
-        raise UserError(f"{meta_path}: token store version {attrs.get('version')!r}, this mm reads "
-                        f"version {FORMAT_VERSION} (re-run `mm tokenize`)")
+        raise UserError(f"{meta_path}: token store version {attrs.get('version')!r}; this mm reads and writes "
+                        f"version {FORMAT_VERSION} (tokenize into a new store)")
+    if checksum:
+        check_checksum(meta_path, attrs)
+    return meta_path, attrs
+
+
+def check_checksum(meta_path: Path, attrs: dict) -> None:
+    # Mandatory in format 2: deleting the key must not turn the check off.
+    if attrs.get(ATTRS_CHECKSUM) != attrs_checksum(attrs):
+        what = "missing" if ATTRS_CHECKSUM not in attrs else "mismatch"
+        raise UserError(f"{meta_path}: attributes altered since `mm tokenize` wrote them "
+                        f"({ATTRS_CHECKSUM} {what}; re-run `mm tokenize`)")
+
+
+def open_part(path: str | Path) -> TokenStore:
+    """Open and validate one part group (`STORE/<source>/part-IIIII-of-NNNNN`)."""
+    root = Path(path)
+    if not root.exists():
+        raise UserError(f"{root}: token store part not found (run `mm tokenize` first)")
+    meta_path, attrs = read_group_attrs(root, checksum=False)
     try:
         dtype = np.dtype(attrs["dtype"])
         vocab = int(attrs["tokenizer"]["vocab_size"])
@@ -298,19 +314,38 @@ def open_store(path: str | Path) -> TokenStore:
     if vocab > np.iinfo(dtype).max + 1:
         raise UserError(f"{meta_path}: vocab_size {vocab} does not fit dtype {dtype.name}")
     splits = {name: _open_split(root, name, dtype, counts) for name in SPLITS}
-    # Last, so the specific checks above name what is wrong when they can.
-    if ATTRS_CHECKSUM in attrs and attrs[ATTRS_CHECKSUM] != attrs_checksum(attrs):
-        raise UserError(f"{meta_path}: attributes altered since `mm tokenize` wrote them "
-                        f"({ATTRS_CHECKSUM} mismatch; re-run `mm tokenize`)")
+    check_checksum(meta_path, attrs)  # last, so the specific checks above name what is wrong when they can
     return TokenStore(path=root, attrs=attrs, **splits)
+
+
+def open_store(path: str | Path) -> TokenStore:
+    """Open and validate a token store written by `mm tokenize` that holds one source of
+    one part (or a part directly); stores of several sources or parts are read by the
+    sources reader."""
+    root = Path(path)
+    if not root.exists():
+        raise UserError(f"{root}: token store not found (run `mm tokenize` first)")
+    meta_path, attrs = read_group_attrs(root, checksum=False)
+    if "part" in attrs:
+        return open_part(root)
+    check_checksum(meta_path, attrs)
+    sources = list_sources(root)
+    parts = [(s, i, n) for s in sources for i, n in list_parts(root, s)]
+    if len(parts) != 1 or parts[0][1:] != (0, 1):
+        raise UserError(f"{root}: holds {len(sources)} sources in {len(parts)} parts; this reader opens "
+                        "a store of one source tokenized as one part")
+    store = open_part(part_dir(root, *parts[0]))
+    if store.tokenizer_fingerprint != (attrs.get("tokenizer") or {}).get("fingerprint"):
+        raise UserError(f"{store.path / 'zarr.json'}: tokenized with another tokenizer than {meta_path} names")
+    return store
 
 
 def attrs_checksum(attrs: dict) -> str:
     """sha256 of the group attributes (all but the checksum itself) as canonical JSON.
 
-    `mm tokenize` stores it as attrs["attrs_sha256"]; open_store refuses a store whose
-    attributes no longer match (a hand edit, a half-copied zarr.json). Stores written
-    before the checksum existed have none and are not checked."""
+    `mm tokenize` stores it as attrs["attrs_sha256"] in the root and every part; the
+    reader refuses a group whose attributes no longer match (a hand edit, a half-copied
+    zarr.json) or have no checksum."""
     rest = {k: v for k, v in attrs.items() if k != ATTRS_CHECKSUM}
     return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -323,6 +358,11 @@ CHUNK_TOKENS = 2**24
 """Tokens per chunk file (32 MiB of uint16): large, so the trainer maps few files."""
 OFFSET_CHUNK = 2**21
 """Entries per doc_offsets chunk (16 MiB of int64)."""
+
+
+def group_document(attrs: dict) -> dict:
+    """The zarr.json of a Zarr v3 group with these attributes."""
+    return {"attributes": attrs, "zarr_format": 3, "node_type": "group"}
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -342,9 +382,9 @@ def write_metadata(store: Path, attrs: dict, dtype: str, shapes: dict) -> None:
         path.mkdir(parents=True, exist_ok=True)
         (path / "zarr.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
-    write(store, {"attributes": attrs, "zarr_format": 3, "node_type": "group"})
+    write(store, group_document(attrs))
     for name, arrays in shapes.items():
-        write(store / name, {"attributes": {}, "zarr_format": 3, "node_type": "group"})
+        write(store / name, group_document({}))
         for arr, (length, chunk) in arrays.items():
             write(store / name / arr, {
                 "shape": [length],

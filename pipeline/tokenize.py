@@ -1,20 +1,22 @@
-"""Raw JSONL → the packed token store (`tokens.zarr`, layout in `pipeline.token_store`).
+"""Raw text → one part of the token store (layout in `pipeline.token_store`).
 
-How it runs:
+`tokenize_files(inputs, tokenizer, STORE, source=NAME, part=(I, N))` writes the
+group `STORE/NAME/part-IIIII-of-NNNNN` and nothing else but the root and source
+groups when they are missing. How it runs:
 
-- The main process reads each input file in blocks (gzip is decompressed on
-  the fly), cuts them at line ends into batches of about `BATCH_BYTES`, and
-  hashes the raw file bytes as they pass (the source fingerprint).
-- Worker processes (spawned, one tokenizer thread each) parse the lines,
-  encode the texts with `Tokenizer.encode_batch`, split documents into
-  train/val by a hash of their text, and return packed token arrays.
+- `pipeline.inputs` lists the input files and the share of them part I of N
+  reads; the main process reads that share in blocks (whole lines, or rows of a
+  text column), hashing the bytes it reads (the input fingerprint).
+- Worker processes (spawned, one tokenizer thread each) check each line or row
+  (`pipeline.readers`), encode the texts with `Tokenizer.encode_batch`, split
+  documents into train/val by a hash of their text, and return packed arrays.
 - The main process consumes the results strictly in input order and appends
   them to raw chunk files, with at most a few batches in flight, so memory
   does not grow with the input and the output does not depend on the number
   of workers. Nothing in the output depends on batch boundaries either.
-- At the end the Zarr metadata (zarr.json for the group and each array) is
-  written and the finished store is renamed into place; an
-  interrupted run leaves only a hidden temporary directory that is removed.
+- The part is written under a hidden temporary name, fsynced and renamed into
+  place (`pipeline.store_writer`) while holding the part's lock: a part that
+  exists is complete, and writers of other parts never wait for each other.
 
 Chunk files are written directly: the arrays use the v3 `bytes` codec
 (little-endian) with no compressor, so a chunk file *is* the raw tokens, and
@@ -31,19 +33,38 @@ import os
 import shutil
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.readers import BATCH_BYTES, REASONS, check_inputs, iter_blocks, parse_line, split_lines
-from pipeline.store_writer import ChunkWriter
-from pipeline.token_store import (ATTRS_CHECKSUM, CHUNK_TOKENS, FORMAT_NAME, FORMAT_VERSION, OFFSET_CHUNK,
-                                  attrs_checksum, token_dtype, write_metadata)
+from pipeline.inputs import SUFFIXES, Share, expand_inputs, iter_share, plan_part
+from pipeline.readers import BATCH_BYTES, parse_line, parse_value, split_lines
+from pipeline.store_writer import (
+    PartLock,
+    PartWriter,
+    check_root_dir,
+    clear_stale,
+    create_if_missing,
+    ensure_source,
+    publish_part,
+)
+from pipeline.token_store import (
+    ATTRS_CHECKSUM,
+    CHUNK_TOKENS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MAX_PARTS,
+    SOURCE_NAME,
+    attrs_checksum,
+    group_document,
+    part_name,
+    read_group_attrs,
+    token_dtype,
+    write_metadata,
+)
 
-FIRST_LINES_KEPT = 5
-"""Line numbers remembered per rejection reason."""
+SPLIT_HASH = "blake2b-64 of the UTF-8 text < val_fraction * 2**64 -> val"
 
 
 # --------------------------------------------------------------------------- workers
@@ -69,15 +90,28 @@ def split_of(text_utf8: bytes, val_fraction: float) -> int:
     return 1 if h < val_fraction * 2.0**64 else 0
 
 
-def _encode(task: tuple[int, bytes]) -> dict:
-    """A block of lines → packed tokens per split, doc lengths, byte counts, rejects."""
-    first_line_no, data = task
-    lines = split_lines(data, first_line_no)
-    texts, splits, nbytes, rejects = [], [], [0, 0], []
-    for i, line in enumerate(lines):
-        text, b, reason = parse_line(line, _W["field"])
+def _checked(task: tuple):
+    """Yield (text, utf8, reason, location) for every line or row of a task."""
+    kind, first, *rest = task
+    if kind == "rows":
+        for i, value in enumerate(rest[0]):
+            yield (*parse_value(value), f"row {first + i}")
+        return
+    first_byte, data = rest
+    offset = first_byte
+    for i, line in enumerate(split_lines(data, first or 0)):
+        # A part that starts mid-file has not counted the lines before it: byte offsets name its lines.
+        yield (*parse_line(line, _W["field"]), str(first + i) if first is not None else f"byte {offset}")
+        offset += len(line) + 1
+
+
+def _encode(task: tuple) -> dict:
+    """A block of lines or rows → packed tokens per split, doc lengths, byte counts, rejects."""
+    texts, splits, nbytes, rejects, n = [], [], [0, 0], [], 0
+    for text, b, reason, where in _checked(task):
+        n += 1
         if reason is not None:
-            rejects.append((reason, first_line_no + i))
+            rejects.append((reason, where))
             continue
         s = split_of(b, _W["val"])
         texts.append(text)
@@ -87,7 +121,7 @@ def _encode(task: tuple[int, bytes]) -> dict:
     bos, eos = _W["bos"], _W["eos"]
     flat: list[list[int]] = [[], []]
     lens: list[list[int]] = [[], []]
-    for enc, s in zip(encs, splits):
+    for enc, s in zip(encs, splits, strict=True):
         ids = enc.ids
         out = flat[s]
         out.append(bos)
@@ -100,11 +134,11 @@ def _encode(task: tuple[int, bytes]) -> dict:
         "lens": [np.array(lens[0], dtype=np.int64), np.array(lens[1], dtype=np.int64)],
         "bytes": nbytes,
         "rejects": rejects,
-        "lines": len(lines),
+        "lines": n,
     }
 
 
-# --------------------------------------------------------------------------- writing
+# --------------------------------------------------------------------------- the encoding loop
 
 
 def _result(future, path: Path) -> dict:
@@ -129,34 +163,17 @@ def _abort(pool) -> None:
         p.join()
 
 
-@dataclass
-class _Split:
-    tokens: ChunkWriter
-    offsets: ChunkWriter
-    docs: int = 0
-    bytes: int = 0
-    end: int = 0
-
-
-@dataclass
-class _Rejects:
-    counts: dict = field(default_factory=dict)
-    first: dict = field(default_factory=dict)
-
-    def add(self, reason: str, where: str) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-        lst = self.first.setdefault(reason, [])
-        if len(lst) < FIRST_LINES_KEPT:
-            lst.append(where)
-
-    def as_attrs(self) -> dict:
-        return {r: {"count": self.counts[r], "first_lines": self.first[r]} for r in REASONS if r in self.counts}
-
-
-def _progress(enabled: bool, total: int):
+def _progress(enabled: bool):
     from rich.console import Console
-    from rich.progress import (BarColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn, TransferSpeedColumn, DownloadColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     console = Console(stderr=True)
     return Progress(
@@ -166,11 +183,123 @@ def _progress(enabled: bool, total: int):
     )
 
 
+def _encode_shares(shares: list[Share], part: PartWriter, init: tuple, workers: int, progress: bool,
+                   batch_bytes: int) -> list[dict]:
+    """Read the shares, encode their blocks (in `workers` processes), feed `part` in input order;
+    returns each share's input record."""
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the parent holds a tokenizer and rich's refresh thread. An executor
+        # (not mp.Pool) because a worker that dies fails the run instead of hanging it.
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                   initargs=init)
+    else:  # in this process, leaving its environment (and the tokenizer's threads) alone
+        _init_worker(*init, single_thread=False)
+    t0 = time.perf_counter()
+    records = []
+    try:
+        with _progress(progress) as bar:
+            bar_task = bar.add_task("tokenize", total=sum(s.weight for s in shares), tps="0")
+
+            def advance(delta: int) -> None:
+                bar.update(bar_task, advance=delta, tps=f"{part.tokens / max(time.perf_counter() - t0, 1e-9):,.0f}")
+
+            for share in shares:
+                pending: deque = deque()
+                done = 0
+                gen = iter_share(share, init[1], batch_bytes)
+                while True:
+                    try:
+                        pos, task = next(gen)
+                    except StopIteration as stop:
+                        records.append(stop.value)
+                        break
+                    delta, done = max(pos - done, 0), max(pos, done)
+                    if pool is None:
+                        part.consume(_encode(task), share.file.path, share.file.name)
+                        advance(delta)
+                        continue
+                    pending.append((pool.submit(_encode, task), delta))
+                    while len(pending) > 2 * workers:  # bounded in flight: memory stays flat
+                        fut, d = pending.popleft()
+                        part.consume(_result(fut, share.file.path), share.file.path, share.file.name)
+                        advance(d)
+                while pending:
+                    fut, d = pending.popleft()
+                    part.consume(_result(fut, share.file.path), share.file.path, share.file.name)
+                    advance(d)
+                advance(max(share.weight - done, 0))
+        if pool is not None:
+            pool.shutdown(wait=True)
+            pool = None
+    finally:
+        if pool is not None:  # an error or Ctrl-C: do not wait for batches in flight
+            _abort(pool)
+    return records
+
+
+# --------------------------------------------------------------------------- a part of a store
+
+
+def default_source(path: str | Path) -> str:
+    """The source name `mm tokenize FILE` uses: the file's name without its format suffix."""
+    name = Path(path).name
+    for suffix in sorted(SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name.split(".")[0] if not Path(path).is_dir() else name
+
+
+def _root_attrs(info: dict, dtype: str) -> dict:
+    attrs = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dtype": dtype,
+             "tokenizer": {k: info[k] for k in ("fingerprint", "vocab_size", "bos_id", "eos_id", "pad_id")}}
+    attrs[ATTRS_CHECKSUM] = attrs_checksum(attrs)
+    return attrs
+
+
+def _open_root(store: Path, attrs: dict) -> None:
+    """Create the store's root group if missing; refuse a store made with another tokenizer."""
+    check_root_dir(store)
+    store.mkdir(parents=True, exist_ok=True)
+    create_if_missing(store / "zarr.json", group_document(attrs))
+    meta = read_group_attrs(store)[1]
+    have, want = meta.get("tokenizer") or {}, attrs["tokenizer"]
+    if have.get("fingerprint") != want["fingerprint"]:
+        raise UserError(f"{store}: made with another tokenizer (sha256 {str(have.get('fingerprint'))[:12]}, "
+                        f"vocab {have.get('vocab_size')}; this one {want['fingerprint'][:12]}, vocab "
+                        f"{want['vocab_size']}): write into another --out")
+
+
+def _check_args(source: str, part: tuple[int, int], val_fraction: float, workers: int) -> None:
+    if not SOURCE_NAME.fullmatch(source):
+        raise UserError(f"source name {source!r}: use letters, digits, '_', '.', '-' (--source NAME)")
+    index, count = part
+    if not (1 <= count <= MAX_PARTS and 0 <= index < count):
+        raise UserError(f"--part {index}/{count}: expected I/N with 0 <= I < N <= {MAX_PARTS}")
+    if not (0.0 <= val_fraction <= 1.0):
+        raise UserError(f"val_fraction must be in [0, 1], got {val_fraction}")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+
+
+def init_store(out: str | Path, tokenizer_dir: str | Path) -> None:
+    """Create the store's root group for this tokenizer (refusing a store made with another)."""
+    from pipeline.tokenizer import load_tokenizer
+
+    _, info = load_tokenizer(tokenizer_dir)
+    _open_root(Path(out), _root_attrs(info, token_dtype(info["vocab_size"])))
+
+
 def tokenize_files(
     inputs: list[str | Path],
     tokenizer_dir: str | Path,
     out: str | Path,
     *,
+    source: str | None = None,
+    part: tuple[int, int] = (0, 1),
     workers: int = 1,
     val_fraction: float,
     text_field: str = "text",
@@ -180,164 +309,49 @@ def tokenize_files(
     chunk_tokens: int = CHUNK_TOKENS,
     batch_bytes: int = BATCH_BYTES,
 ) -> dict:
-    """Tokenize JSONL files into a token store at `out`; returns the store attributes
-    plus `seconds` (wall time) and `path`.
+    """Tokenize part `part` = (I, N) of `inputs` into the group `out/source/part-I-of-N`;
+    returns the part's attributes plus `seconds` (wall time), `path` (the part) and `store`.
 
-    `workers` processes encode in parallel (1 = encode in this process); the output
-    is byte-identical for any value. `val_fraction` has no default here: the one
-    default is params' data.val_fraction (`mm tokenize`). `chunk_tokens` and `batch_bytes` exist for tests.
+    `source` defaults to the first input's name without its suffix. `workers`
+    processes encode in parallel (1 = in this process); the output is
+    byte-identical for any value. `val_fraction` has no default here: the one
+    default is params' data.val_fraction (`mm tokenize`). `chunk_tokens` and
+    `batch_bytes` exist for tests.
     """
     from pipeline.tokenizer import load_tokenizer
 
-    inputs = [Path(p) for p in inputs]
-    out = Path(out)
     if not inputs:
         raise UserError("no input files given")
-    check_inputs(inputs)
-    if not (0.0 <= val_fraction <= 1.0):
-        raise UserError(f"val_fraction must be in [0, 1], got {val_fraction}")
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
-    if out.exists() and not force:
-        raise UserError(f"{out}: output exists (use --force to replace it)")
-    tok, info = load_tokenizer(tokenizer_dir)
-    del tok
+    source = source or default_source(inputs[0])
+    _check_args(source, part, val_fraction, workers)
+    files = expand_inputs(inputs)
+    _, info = load_tokenizer(tokenizer_dir)
     dtype = token_dtype(info["vocab_size"])
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if work.exists():
-        shutil.rmtree(work)
-    staging = work / "staging"
+    store = Path(out)
+    _open_root(store, _root_attrs(info, dtype))
+    sdir = ensure_source(store, source)
+    name = part_name(*part)
+    final = sdir / name
     t0 = time.perf_counter()
-    tokenizer_json = Path(tokenizer_dir) if Path(tokenizer_dir).is_file() else Path(tokenizer_dir) / "tokenizer.json"
-    init = (str(tokenizer_json), text_field, float(val_fraction),
-            info["bos_id"], info["eos_id"], dtype)
-    try:
-        splits = {
-            name: _Split(ChunkWriter(staging / name / "tokens", dtype, chunk_tokens),
-                         ChunkWriter(staging / name / "doc_offsets", "int64", OFFSET_CHUNK))
-            for name in ("train", "val")
-        }
-        for sp in splits.values():
-            sp.offsets.append(np.zeros(1, dtype=np.int64))
-        rejects = _Rejects()
-        sources = []
-        total_lines = 0
-        total_size = sum(p.stat().st_size for p in inputs)
-        n_tokens = 0
-
-        def consume(res: dict, path: Path) -> None:
-            nonlocal total_lines, n_tokens
-            for reason, line_no in res["rejects"]:
-                if strict:
-                    raise UserError(f"{path}:{line_no}: rejected line ({reason.replace('_', ' ')})")
-                rejects.add(reason, f"{path.name}:{line_no}")
-            total_lines += res["lines"]
-            for i, name in enumerate(("train", "val")):
-                sp = splits[name]
-                toks, lens = res["tokens"][i], res["lens"][i]
-                if lens.size:
-                    sp.tokens.append(toks)
-                    sp.offsets.append(sp.end + np.cumsum(lens))
-                    sp.end += int(toks.size)
-                    sp.docs += int(lens.size)
-                    n_tokens += int(toks.size)
-                sp.bytes += res["bytes"][i]
-
-        pool = None
-        if workers > 1:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
-            # spawn, not fork: the parent holds a tokenizer and rich's refresh thread. An
-            # executor (not mp.Pool) because a worker that dies fails the run instead of
-            # hanging it.
-            pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                                       initializer=_init_worker, initargs=init)
-        else:  # in this process, leaving its environment (and the tokenizer's threads) alone
-            _init_worker(*init, single_thread=False)
+    with PartLock(sdir / f".{name}.lock", str(final)):
+        if final.exists() and not force:
+            raise UserError(f"{final}: part exists (use --force to replace it)")
+        clear_stale(sdir, name)
+        tmp = sdir / f".{name}.tmp-{os.getpid()}"
         try:
-            with _progress(progress, total_size) as bar:
-                task = bar.add_task("tokenize", total=total_size, tps="0")
-
-                def advance(pos_delta: int) -> None:
-                    el = max(time.perf_counter() - t0, 1e-9)
-                    bar.update(task, advance=pos_delta, tps=f"{n_tokens / el:,.0f}")
-
-                for path in inputs:
-                    file_lines_before = total_lines
-                    pending: deque = deque()
-                    last_pos = 0
-                    gen = iter_blocks(path, batch_bytes)
-                    while True:
-                        try:
-                            pos, line_no, data = next(gen)
-                        except StopIteration as stop:
-                            reader = stop.value
-                            break
-                        delta, last_pos = pos - last_pos, pos
-                        if pool is None:
-                            consume(_encode((line_no, data)), path)
-                            advance(delta)
-                            continue
-                        pending.append((pool.submit(_encode, (line_no, data)), delta))
-                        while len(pending) > 2 * workers:  # bounded in flight: memory stays flat
-                            res, d = pending.popleft()
-                            consume(_result(res, path), path)
-                            advance(d)
-                    while pending:
-                        res, d = pending.popleft()
-                        consume(_result(res, path), path)
-                        advance(d)
-                    advance(reader.pos - last_pos)
-                    sources.append({"name": path.name, "size": reader.pos, "sha256": reader.sha.hexdigest(),
-                                    "lines": total_lines - file_lines_before})
-            if pool is not None:
-                pool.shutdown(wait=True)
-                pool = None
+            shares = plan_part(files, *part)
+            tok_json = Path(tokenizer_dir) if Path(tokenizer_dir).is_file() else Path(tokenizer_dir) / "tokenizer.json"
+            init = (str(tok_json), text_field, float(val_fraction), info["bos_id"], info["eos_id"], dtype)
+            writer = PartWriter(tmp, dtype, chunk_tokens, strict)
+            records = _encode_shares(shares, writer, init, workers, progress, batch_bytes)
+            shapes, counts, hashes = writer.finish()
+            attrs = {**_root_attrs(info, dtype), "source": source, "part": {"index": part[0], "count": part[1]},
+                     "text_field": text_field, "val_fraction": float(val_fraction), "split_hash": SPLIT_HASH,
+                     "inputs": records, "counts": counts, "rejected": writer.rejects.as_attrs(),
+                     "chunk_sha256": hashes}
+            attrs[ATTRS_CHECKSUM] = attrs_checksum(attrs)  # the reader refuses hand-edited attributes
+            write_metadata(tmp, attrs, dtype, shapes)
+            publish_part(tmp, final)
         finally:
-            if pool is not None:  # an error or Ctrl-C: do not wait for batches in flight
-                _abort(pool)
-
-        shapes = {}
-        for name, sp in splits.items():
-            shapes[name] = {"tokens": sp.tokens.finish(), "doc_offsets": sp.offsets.finish()}
-        n_rejected = sum(rejects.counts.values())
-        attrs = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "dtype": dtype,
-            "tokenizer": {
-                "fingerprint": info["fingerprint"],
-                "vocab_size": info["vocab_size"],
-                "bos_id": info["bos_id"],
-                "eos_id": info["eos_id"],
-                "pad_id": info["pad_id"],
-            },
-            "text_field": text_field,
-            "val_fraction": float(val_fraction),
-            "split_hash": "blake2b-64 of the UTF-8 text < val_fraction * 2**64 -> val",
-            "sources": sources,
-            "counts": {
-                "lines": total_lines,
-                "kept": total_lines - n_rejected,
-                "rejected": n_rejected,
-                **{name: {"documents": sp.docs, "tokens": sp.tokens.n, "bytes": sp.bytes}
-                   for name, sp in splits.items()},
-            },
-            "rejected": rejects.as_attrs(),
-        }
-        attrs[ATTRS_CHECKSUM] = attrs_checksum(attrs)  # open_store refuses hand-edited attributes
-        store = work / "store"
-        write_metadata(store, attrs, dtype, shapes)
-        for name in ("train", "val"):
-            for arr in ("tokens", "doc_offsets"):
-                os.rename(staging / name / arr / "c", store / name / arr / "c")
-        if out.exists():  # --force: swap in the new store, then drop the old one
-            old = work / "old"
-            os.rename(out, old)
-        os.rename(store, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return {**attrs, "seconds": time.perf_counter() - t0, "path": str(out)}
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {**attrs, "seconds": time.perf_counter() - t0, "path": str(final), "store": str(store)}

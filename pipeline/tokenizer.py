@@ -1,94 +1,19 @@
-"""Tokenizers: loading any Hugging Face tokenizer dir, and training mm's byte-level BPE.
+"""Loading tokenizers: any Hugging Face tokenizer directory (or tokenizer.json file).
 
-The trained tokenizer follows MiniMind: byte-level pre-tokenization without a
-prefix space, special tokens at fixed ids `<|endoftext|>`=0 (pad),
-`<|im_start|>`=1 (bos), `<|im_end|>`=2 (eos). No post-processor: the token
-store adds BOS/EOS itself, so `encode` returns the text's ids only. The saved
-directory (tokenizer.json, tokenizer_config.json, special_tokens_map.json)
-loads with `transformers.AutoTokenizer.from_pretrained(DIR)` offline.
+Training mm's own byte-level BPE is `pipeline.tokenizer_training`; its special
+tokens are defined here, since loading reads them back.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.readers import check_inputs, iter_texts
 
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]  # ids 0, 1, 2 in this order
-
-
-def train_tokenizer(
-    inputs: list[str | Path],
-    out_dir: str | Path,
-    vocab_size: int = 6400,
-    text_field: str = "text",
-    min_frequency: int = 2,
-    model_max_length: int = 32768,
-) -> dict:
-    """Train byte-level BPE on JSONL files (streamed) and save a HF tokenizer dir.
-
-    Returns {"path", "vocab_size", "fingerprint"}.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    inputs = [Path(p) for p in inputs]
-    if not inputs:
-        raise UserError("no input files given")
-    check_inputs(inputs)
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise UserError(f"tokenizer.vocab_size must be at least {256 + len(SPECIAL_TOKENS)} "
-                        f"(256 bytes + special tokens), got {vocab_size}")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(iter_texts(inputs, text_field), trainer=trainer)
-    for i, t in enumerate(SPECIAL_TOKENS):
-        if tok.token_to_id(t) != i:  # not an assert: it must hold under `python -O` too, and never be a traceback
-            raise UserError(f"{out_dir}: special token {t} got id {tok.token_to_id(t)} instead of {i}; "
-                            "nothing was written")
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                      "single_word": False, "special": True} for i, t in enumerate(SPECIAL_TOKENS)}
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "pad_token": PAD,
-        "unk_token": PAD,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": model_max_length,
-        "added_tokens_decoder": added,
-        "additional_special_tokens": [],
-    }
-    _write_json(out / "tokenizer_config.json", config)
-    _write_json(out / "special_tokens_map.json",
-                {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": PAD})
-    _, info = load_tokenizer(out)
-    return {"path": str(out), "vocab_size": info["vocab_size"], "fingerprint": info["fingerprint"]}
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _token_str(value) -> str | None:

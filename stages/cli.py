@@ -24,12 +24,13 @@ app = typer.Typer(
 def _register() -> None:
     # One line per stage; each module imports the pipeline lazily inside its command.
     from stages.sample import sample
+    from stages.tokenize import HELP as tokenize_help
     from stages.tokenize import tokenize
     from stages.tokenizer import tokenizer
 
     app.command("sample")(sample)
     app.command("tokenizer")(tokenizer)
-    app.command("tokenize")(tokenize)
+    app.command("tokenize", help=tokenize_help)(tokenize)
     from stages import evaluate, export, generate
 
     app.command("export", help="Export a checkpoint: Hugging Face directory (--format hf) or GGUF (--format gguf).")(export.export)

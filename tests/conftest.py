@@ -70,7 +70,7 @@ class TinyData:
 def tiny_store(tmp_path_factory) -> TinyData:
     from pipeline.corpus import write_sample
     from pipeline.tokenize import tokenize_files
-    from pipeline.tokenizer import train_tokenizer
+    from pipeline.tokenizer_training import train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_data")
     corpus = root / "sample.jsonl"

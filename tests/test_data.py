@@ -21,6 +21,8 @@ from conftest import assert_user_error, mm
 from pipeline.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
+PART = "sample/part-00000-of-00001"
+"""The one part of a store tokenized from sample.jsonl in one run."""
 
 
 def store_files(path: Path) -> dict[str, bytes]:
@@ -133,7 +135,7 @@ def test_foreign_tokenizer_dirs(tiny_store, tmp_path):
         load_tokenizer(d)
 
 
-# --------------------------------------------------------------------------- Must-show 2: bad lines
+# --------------------------------------------------------------------------- bad lines
 
 
 def _messy_jsonl(path: Path, texts: list[str], seed: int) -> dict:
@@ -225,8 +227,8 @@ def test_bad_lines_counted_and_tokens_match_independent_encoding(tiny_store, mes
     assert {k: v["count"] for k, v in got.items()} == {k: len(v) for k, v in want.items()}
     for reason, lines in want.items():
         assert got[reason]["first_lines"] == [f"messy.jsonl:{n}" for n in lines[:5]]
-    src = store.attrs["sources"][0]
-    assert src["name"] == "messy.jsonl" and src["size"] == len(raw)
+    src = store.attrs["inputs"][0]
+    assert src["name"] == "messy.jsonl" and src["size"] == len(raw) and src["lines"] == n_lines
     assert src["sha256"] == hashlib.sha256(raw).hexdigest()
 
     expected = expected_arrays(tiny_store.tokenizer, info["kept"], 0.1)
@@ -250,7 +252,7 @@ def test_bad_lines_counted_and_tokens_match_independent_encoding(tiny_store, mes
                "--out", tmp_path / name, "--workers", 1, "--val-fraction", 0.1, cwd=tmp_path)
         assert r.returncode == 0, r.stderr
     two, one = open_store(tmp_path / "two.zarr"), open_store(tmp_path / "one.zarr")
-    assert [s["name"] for s in two.attrs["sources"]] == ["a.jsonl.gz", "b.jsonl"]
+    assert [s["name"] for s in two.attrs["inputs"]] == ["a.jsonl.gz", "b.jsonl"]
     assert two.attrs["counts"]["lines"] == one.attrs["counts"]["lines"] == len(lines)
     assert two.attrs["counts"]["kept"] == one.attrs["counts"]["kept"] == c["kept"] - 2
     for name in ("train", "val"):
@@ -267,11 +269,11 @@ def test_strict_names_file_and_line_and_leaves_nothing(tiny_store, tmp_path):
     r = mm("tokenize", src, "--tokenizer", tiny_store.tokenizer, "--out", out, "--strict", "--workers", 2,
            cwd=tmp_path)
     assert_user_error(r, f"in.jsonl:{n}", "not string")
-    assert not out.exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["in.jsonl"]  # no temporary directory left behind
+    # No part, no temporary directory, no lock file: only the (empty) root and source groups.
+    assert sorted(store_files(out)) == ["in/zarr.json", "zarr.json"] and not list(out.glob("in/.*"))
 
 
-# --------------------------------------------------------------------------- Must-show 3 and 4
+# --------------------------------------------------------------------------- workers and the Zarr reader
 
 
 def test_workers_1_and_2_byte_identical(tiny_store, tmp_path):
@@ -309,7 +311,10 @@ def test_zarr_reads_what_memmap_reader_returns(tiny_store, tmp_path, chunk_token
         tokenize_files([tiny_store.corpus], tiny_store.tokenizer, path, val_fraction=0.05,
                        progress=False, chunk_tokens=chunk_tokens)
     store = open_store(path)
-    group = zarr.open_group(str(path), mode="r")
+    assert store.path == path / "sample" / "part-00000-of-00001"  # source named after the file
+    root = zarr.open_group(str(path), mode="r")
+    assert root.attrs["version"] == 2 and root.attrs["tokenizer"] == store.attrs["tokenizer"]
+    group = root["sample/part-00000-of-00001"]
     assert group.attrs["format"] == "mm-tokens" and dict(group.attrs) == store.attrs
     for name in ("train", "val"):
         split = getattr(store, name)
@@ -337,7 +342,7 @@ def test_array_metadata_is_what_zarr_python_writes(tiny_store, tmp_path):
     import zarr
 
     for name in ("train/tokens", "val/doc_offsets"):
-        ours = json.loads((tiny_store.store / name / "zarr.json").read_text())
+        ours = json.loads((tiny_store.store / PART / name / "zarr.json").read_text())
         ref = zarr.create_array(str(tmp_path / name.replace("/", "_")), shape=tuple(ours["shape"]),
                                 chunks=tuple(ours["chunk_grid"]["configuration"]["chunk_shape"]),
                                 dtype=ours["data_type"], compressors=None, filters=None, fill_value=0)
@@ -355,7 +360,7 @@ def test_fingerprint_and_empty_val_split(tiny_store, tmp_path):
                    progress=False)
     s = open_store(tmp_path / "noval.zarr")
     assert len(s.val.tokens) == 0 and list(s.val.doc_offsets) == [0] and s.val.n_docs == 0
-    assert zarr.open_group(str(tmp_path / "noval.zarr"), mode="r")["val/tokens"].shape == (0,)
+    assert zarr.open_group(str(tmp_path / "noval.zarr"), mode="r")[f"{PART}/val/tokens"].shape == (0,)
     base = open_store(tiny_store.store)
     assert s.fingerprint != base.fingerprint
     assert base.tokenizer_fingerprint == base.attrs["tokenizer"]["fingerprint"]
@@ -401,16 +406,35 @@ def test_cli_user_errors(tiny_store, tmp_path):
     assert_user_error(mm("tokenize", tiny_store.corpus, "--tokenizer", empty, "--out", tmp_path / "o.zarr",
                          cwd=tmp_path), "tokenizer.json")
     assert_user_error(mm("tokenize", tiny_store.corpus, "--tokenizer", tk, "--out", tiny_store.store,
-                         cwd=tmp_path), "tokens.zarr", "--force")
+                         cwd=tmp_path), f"tokens.zarr/{PART}", "--force")
     assert not (tmp_path / "o.zarr").exists()
-    # --force replaces an existing store.
+    # A directory of the user's is not written into, even with --force.
     out = tmp_path / "forced.zarr"
     out.mkdir()
     (out / "junk").write_text("x")
-    r = mm("tokenize", tiny_store.corpus, "--tokenizer", tk, "--out", out, "--force", "--workers", 1, cwd=tmp_path)
+    assert_user_error(mm("tokenize", tiny_store.corpus, "--tokenizer", tk, "--out", out, "--force", cwd=tmp_path),
+                      "forced.zarr", "not a token store")
+    assert sorted(p.name for p in out.iterdir()) == ["junk"]
+    # --force replaces the one part named, and nothing else: the other source stays as it was.
+    from pipeline.token_store import open_part
+
+    shutil.copytree(tiny_store.store, out := tmp_path / "two.zarr")
+    small = tmp_path / "small.jsonl"
+    small.write_bytes(tiny_store.corpus.read_bytes()[:100_000].rsplit(b"\n", 1)[0] + b"\n")
+    before = store_files(out / "sample")
+    r = mm("tokenize", small, "--tokenizer", tk, "--out", out, "--workers", 1, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert not (out / "junk").exists() and (out / "zarr.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["forced.zarr", "notatokenizer"]
+    assert store_files(out / "sample") == before
+    other = store_files(out / "small")
+    r = mm("tokenize", small, "--source", "sample", "--force", "--tokenizer", tk, "--out", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert store_files(out / "small") == other
+    replaced = open_part(out / PART).attrs
+    assert replaced["counts"] == open_part(out / "small/part-00000-of-00001").attrs["counts"]
+    assert replaced["counts"]["lines"] < open_part(tiny_store.store / PART).attrs["counts"]["lines"]
+    assert sorted(p.name for p in out.iterdir()) == ["sample", "small", "zarr.json"]  # no lock or temporary left
+    assert sorted(p.name for p in (out / "sample").iterdir()) == ["part-00000-of-00001", "zarr.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forced.zarr", "notatokenizer", "small.jsonl", "two.zarr"]
 
 
 def test_corrupt_gzip_is_one_line_error_naming_the_file(tiny_store, tmp_path):
@@ -424,7 +448,9 @@ def test_corrupt_gzip_is_one_line_error_naming_the_file(tiny_store, tmp_path):
                          "--workers", 1, cwd=tmp_path), "bad.jsonl.gz", "cannot read")
     assert_user_error(mm("tokenizer", bad, "--vocab-size", 300, "--out", tmp_path / "tok", cwd=tmp_path),
                       "bad.jsonl.gz", "cannot read")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl.gz", "o.zarr"]
+    # The store's root and source groups stay (made before reading); no part, no temporary, no lock.
+    assert sorted(store_files(tmp_path / "o.zarr")) == ["bad/zarr.json", "zarr.json"]
 
 
 def _corrupt(tiny_store, tmp_path, name) -> Path:
@@ -437,49 +463,58 @@ def test_corrupt_stores_are_refused_naming_the_file(tiny_store, tmp_path):
     from pipeline.token_store import open_store
 
     p = _corrupt(tiny_store, tmp_path, "trunc.zarr")
-    chunk = p / "train/tokens/c/0"
+    chunk = p / PART / "train/tokens/c/0"
     with open(chunk, "r+b") as f:
         f.truncate(chunk.stat().st_size - 2)
     with pytest.raises(UserError, match=r"train/tokens/c/0: chunk file is .* bytes, expected"):
         open_store(p)
 
     p = _corrupt(tiny_store, tmp_path, "missing.zarr")
-    (p / "val/doc_offsets/c/0").unlink()
+    (p / PART / "val/doc_offsets/c/0").unlink()
     with pytest.raises(UserError, match=r"val/doc_offsets/c/0: chunk file missing"):
         open_store(p)
 
     p = _corrupt(tiny_store, tmp_path, "attrs.zarr")
-    meta = json.loads((p / "zarr.json").read_text())
+    meta = json.loads((p / PART / "zarr.json").read_text())
     meta["attributes"]["counts"]["train"]["tokens"] += 7
-    (p / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(UserError, match=r"attrs.zarr/zarr.json: attributes say train"):
+    (p / PART / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"attrs.zarr/sample/part-00000-of-00001/zarr.json: attributes say train"):
         open_store(p)
 
     p = _corrupt(tiny_store, tmp_path, "edited.zarr")  # counts still consistent: the checksum catches it
-    meta = json.loads((p / "zarr.json").read_text())
+    meta = json.loads((p / PART / "zarr.json").read_text())
     meta["attributes"]["tokenizer"]["fingerprint"] = "0" * 64
-    (p / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(UserError, match=r"edited.zarr/zarr.json: attributes altered"):
+    (p / PART / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"edited.zarr/sample/part-00000-of-00001/zarr.json: attributes altered"):
+        open_store(p)
+    del meta["attributes"]["attrs_sha256"]  # deleting the checksum does not turn the check off
+    (p / PART / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"attrs_sha256 missing"):
+        open_store(p)
+    root_meta = json.loads((p / "zarr.json").read_text())
+    del root_meta["attributes"]["attrs_sha256"]
+    (p / "zarr.json").write_text(json.dumps(root_meta))
+    with pytest.raises(UserError, match=r"edited.zarr/zarr.json: attributes altered .*missing"):
         open_store(p)
 
     p = _corrupt(tiny_store, tmp_path, "version.zarr")
-    meta = json.loads((p / "zarr.json").read_text())
+    meta = json.loads((p / PART / "zarr.json").read_text())
     meta["attributes"]["version"] = 99
-    (p / "zarr.json").write_text(json.dumps(meta))
+    (p / PART / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="version 99"):
         open_store(p)
 
     p = _corrupt(tiny_store, tmp_path, "dtype.zarr")
-    meta = json.loads((p / "train/tokens/zarr.json").read_text())
+    meta = json.loads((p / PART / "train/tokens/zarr.json").read_text())
     meta["data_type"] = "uint32"
-    (p / "train/tokens/zarr.json").write_text(json.dumps(meta))
+    (p / PART / "train/tokens/zarr.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"train/tokens/zarr.json: data_type 'uint32', expected 'uint16'"):
         open_store(p)
 
     p = _corrupt(tiny_store, tmp_path, "codec.zarr")
-    meta = json.loads((p / "val/tokens/zarr.json").read_text())
+    meta = json.loads((p / PART / "val/tokens/zarr.json").read_text())
     meta["codecs"].append({"name": "zstd", "configuration": {"level": 0, "checksum": False}})
-    (p / "val/tokens/zarr.json").write_text(json.dumps(meta))
+    (p / PART / "val/tokens/zarr.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="encoded"):
         open_store(p)
 

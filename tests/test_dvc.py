@@ -7,6 +7,7 @@ reruns from the tokenizer on → metrics and plots render.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import yaml
 from pipeline.progress import read_log
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_STAGES = {"sample", "tokenizer", "tokenize", "config", "train", "export", "eval"}
+ALL_STAGES = {"sample", "tokenizer", "store", "tokenize@sample", "config", "train", "export", "eval"}
 GIT_ID = {"GIT_AUTHOR_NAME": "mm", "GIT_AUTHOR_EMAIL": "mm@example.com",
           "GIT_COMMITTER_NAME": "mm", "GIT_COMMITTER_EMAIL": "mm@example.com"}
 
@@ -46,6 +47,12 @@ def _shrink_params(path: Path, **train) -> None:
     path.write_text(yaml.safe_dump(p, sort_keys=False))
 
 
+def _set_params(project: Path, change) -> None:
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    change(p)
+    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
 def _dvc(project: Path, *args: str) -> str:
     env = {**os.environ, **GIT_ID, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(["dvc", *args], cwd=project, capture_output=True, text=True, env=env)
@@ -69,23 +76,26 @@ def test_dvc_repro_reruns_exactly_what_changed(tmp_path):
 
     # 1. The whole chain runs; then everything is up to date and a second repro does nothing.
     assert _ran(_dvc(project, "repro")) == ALL_STAGES
-    for out in ["data/sample.jsonl", "data/tokenizer/tokenizer.json", "data/tokens.zarr/zarr.json", "data/model.json",
+    for out in ["data/sample.jsonl", "data/tokenizer/tokenizer.json", "data/tokens.zarr/zarr.json",
+                "data/tokens.zarr/sample/part-00000-of-00001/zarr.json", "data/model.json",
                 "out/ckpt.pth", "out/loss.png", "export/model.safetensors", "out/eval.json"]:
         assert (project / out).exists(), out
     assert "up to date" in _dvc(project, "status")
     assert _ran(_dvc(project, "repro")) == set()
 
-    # 2. Only train.lr changed: train, export and eval rerun; nothing upstream does.
+    # 2. Only train.lr changed: train, export and eval rerun; nothing upstream does. The same
+    #    for a source's weight: it is read by training alone.
     _shrink_params(project / "params.yaml", lr=0.002)
     assert _ran(_dvc(project, "repro")) == {"train", "export", "eval"}
+    _set_params(project, lambda p: p["data"]["sources"]["sample"].update(weight=0.5))
+    ran = _ran(_dvc(project, "repro"))  # one source: its normalised share is 1 whatever the weight, so an
+    assert "train" in ran and ran <= {"train", "export", "eval"}  # identical checkpoint stops the chain there
 
     # 3. New raw data: everything from the tokenizer on reruns, the embedded corpus does not.
     other = project / "data" / "other.jsonl"
     lines = (project / "data" / "sample.jsonl").read_text().splitlines()
     other.write_text("\n".join(lines[::2]) + "\n")
-    p = yaml.safe_load((project / "params.yaml").read_text())
-    p["data"]["raw"] = "data/other.jsonl"
-    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    _set_params(project, lambda p: p["data"]["sources"]["sample"].update(path="data/other.jsonl"))
     assert _ran(_dvc(project, "repro")) == ALL_STAGES - {"sample"}
 
     # 4. Metrics and plots: the figures are there, and the loss fell.
@@ -100,3 +110,14 @@ def test_dvc_repro_reruns_exactly_what_changed(tmp_path):
     assert (project / "dvc_plots" / "index.html").stat().st_size > 0
     losses = [row["loss"] for row in read_log(project / "out" / "train_log.tsv")]
     assert losses[-1] < losses[0] - 0.2
+
+    # 5. A new source: its own tokenize stage runs; the tokenizer, the store root and the
+    #    other source stay cached, and training is what it makes stale.
+    extra = project / "data" / "extra.jsonl.gz"
+    extra.write_bytes(gzip.compress("\n".join(lines[1::2]).encode() + b"\n"))
+    _set_params(project, lambda p: p["data"]["sources"].update(
+        extra={"path": "data/extra.jsonl.gz", "weight": 0.5, "text_field": "text"}))
+    assert _ran(_dvc(project, "repro", "tokenize@extra")) == {"tokenize@extra"}
+    assert (project / "data/tokens.zarr/extra/part-00000-of-00001/zarr.json").is_file()
+    stale = _dvc(project, "status")
+    assert "train:" in stale and "tokenize@sample" not in stale and "tokenizer:" not in stale

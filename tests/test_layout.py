@@ -86,6 +86,7 @@ def test_every_stage_depends_on_the_pipeline_modules_it_runs():
     commands = stage_modules()
     missing = {}
     for name, stage in dvc["stages"].items():
+        stage = stage.get("do", stage)  # a foreach stage: its template
         argv = stage["cmd"].split()
         assert argv[0] == "mm" and argv[1] in commands, f"stage {name}: {stage['cmd']!r} is not an mm command"
         runs = {f"{m.replace('.', '/')}.py" for m in closure(commands[argv[1]]) if m.startswith("pipeline.")}

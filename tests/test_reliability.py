@@ -415,7 +415,7 @@ def other_data(setup):
     """A second tokenizer (trained on part of the corpus) with its store, and a smaller store
     tokenized with the original tokenizer."""
     from pipeline.tokenize import tokenize_files
-    from pipeline.tokenizer import train_tokenizer
+    from pipeline.tokenizer_training import train_tokenizer
 
     root = setup.cwd / "other"
     root.mkdir()
@@ -472,23 +472,23 @@ def _edit_attrs(store: Path, fn) -> None:
     (lambda s: (s / "val/doc_offsets/c/0").unlink(), "val/doc_offsets/c/0: chunk file missing"),
     (lambda s: _edit_attrs(s, lambda a: a["counts"]["train"].update(tokens=5)), "zarr.json: attributes say train"),
     (lambda s: _edit_attrs(s, lambda a: a["tokenizer"].update(vocab_size=512)), "zarr.json: attributes altered"),
-    (lambda s: _edit_attrs(s, lambda a: a["sources"][0].update(sha256="0" * 64)), "zarr.json: attributes altered"),
-], ids=["truncated-chunk", "missing-chunk", "altered-counts", "altered-vocab", "altered-sources"])
+    (lambda s: _edit_attrs(s, lambda a: a["inputs"][0].update(sha256="0" * 64)), "zarr.json: attributes altered"),
+], ids=["truncated-chunk", "missing-chunk", "altered-counts", "altered-vocab", "altered-inputs"])
 def test_store_corruption_detected_on_open(setup, tmp_path, damage, needle):
     from pipeline.token_store import open_store
 
     store = tmp_path / "tokens.zarr"
     shutil.copytree(setup.store, store)
-    open_store(store)  # the copy itself is fine
-    damage(store)
-    with pytest.raises(UserError, match=re.escape(str(store / needle))):
+    part = open_store(store).path  # the copy itself is fine; its one part is what gets damaged
+    damage(part)
+    with pytest.raises(UserError, match=re.escape(str(part / needle))):
         open_store(store)
 
 
 def test_store_corruption_stops_mm_train(setup, tmp_path):
     store = tmp_path / "tokens.zarr"
     shutil.copytree(setup.store, store)
-    chunk = store / "train/tokens/c/0"
+    chunk = next(store.glob("*/part-00000-of-00001")) / "train/tokens/c/0"
     os.truncate(chunk, chunk.stat().st_size // 2)
     user_error(mm_train(setup, tmp_path / "out", data=store), f"{chunk}: chunk file is")
 

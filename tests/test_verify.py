@@ -77,7 +77,7 @@ def test_verify_passes_good_store_checkpoint_and_export(artifacts):
 def test_verify_names_the_flipped_chunk_file(artifacts, tmp_path):
     store = tmp_path / "tokens.zarr"
     shutil.copytree(artifacts["store"], store)
-    chunk = store / "val/tokens/c/0"
+    chunk = store / "sample/part-00000-of-00001/val/tokens/c/0"
     flip(chunk, 101)  # the high byte of token 50 (little-endian uint16): an id far above vocab_size
     line = error_line(mm("verify", store))
     assert line.startswith(f"error: {chunk}: "), line
@@ -106,16 +106,22 @@ def test_verify_checks_ids_and_offsets_in_process(artifacts, tmp_path):
 
     store = tmp_path / "tokens.zarr"
     shutil.copytree(artifacts["store"], store)
-    tokens = np.memmap(store / "train/tokens/c/0", dtype="<u2", mode="r+")
+    tokens = np.memmap(store / "sample/part-00000-of-00001/train/tokens/c/0", dtype="<u2", mode="r+")
     tokens[7] = 1024  # the vocabulary size of the tiny tokenizer
     tokens.flush()
     bad = [row for row in verify(store)[1] if not row.ok]
-    assert bad[0].path == store / "train/tokens/c/0" and "token id 1024 at position 7" in bad[0].detail
+    assert bad[0].path == store / "sample/part-00000-of-00001/train/tokens/c/0"
+    assert "token id 1024 at position 7" in bad[0].detail
 
     store2 = tmp_path / "tokens2.zarr"
     shutil.copytree(artifacts["store"], store2)
-    offsets = np.memmap(store2 / "val/doc_offsets/c/0", dtype="<i8", mode="r+")
+    offsets = np.memmap(store2 / "sample/part-00000-of-00001/val/doc_offsets/c/0", dtype="<i8", mode="r+")
     offsets[2] = offsets[3] + 1  # document 2 now starts after document 3
     offsets.flush()
-    bad = [row for row in verify(store2)[1] if not row.ok]
-    assert bad[0].path == store2 / "val/doc_offsets" and "below" in bad[0].detail
+    bad = [row for row in verify(store2)[1] if not row.ok]  # the recorded chunk hash catches it first
+    part = store2 / "sample/part-00000-of-00001"
+    assert bad[0].path == part / "val/doc_offsets/c/0" and "sha256 differs" in bad[0].detail
+    from pipeline.verify import _check_offsets  # and the offsets rule alone names the document
+
+    row = _check_offsets(part / "val/doc_offsets", np.asarray(offsets), int(offsets[-1]))
+    assert not row.ok and row.path == part / "val/doc_offsets" and "below" in row.detail
