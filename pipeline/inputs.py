@@ -3,7 +3,7 @@
 Paths are files or directories; a directory is read in sorted name order
 (recursively, hidden names skipped), taking `.jsonl`, `.jsonl.gz`, `.jsonl.zst`
 and `.parquet` files and `datasets` directories (`save_to_disk`). A file named
-explicitly is JSONL whatever its name, unless it ends in `.parquet`.
+explicitly is JSONL whatever its name, unless it ends in `.parquet` or `.arrow`.
 
 Parts: the input is laid on one axis of bytes (plain JSONL by byte, compressed
 files as one unit each, Parquet by row group, Arrow files as one unit each) and
@@ -56,6 +56,8 @@ def _format_of(path: Path, explicit: bool) -> str | None:
     for suffix, fmt in SUFFIXES.items():
         if name.endswith(suffix):
             return fmt
+    if explicit and name.endswith(".arrow"):  # one Arrow file of a `datasets` directory
+        return "arrow"
     if explicit:  # a file the user named: JSONL, compressed by its extension
         return "jsonl.gz" if name.endswith(".gz") else "jsonl.zst" if name.endswith(".zst") else "jsonl"
     return None

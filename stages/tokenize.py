@@ -106,7 +106,8 @@ def _summary(r: dict, workers: int) -> None:
     tokens = c["train"]["tokens"] + c["val"]["tokens"]
     size = sum(_read_bytes(i) for i in r["inputs"])
     sec = r["seconds"]
-    console.print(f"time {sec:.1f} s ({size / 1e6 / sec:.1f} MB/s, {tokens / sec:,.0f} tokens/s, {workers} workers)")
+    console.print(f"time {sec:.1f} s ({size / 1e6 / sec:.2f} MB/s of input read, {tokens / sec:,.0f} tokens/s, "
+                  f"{workers} workers)")
 
 
 def _read_bytes(record: dict) -> int:
