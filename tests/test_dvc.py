@@ -83,6 +83,16 @@ def test_dvc_repro_reruns_exactly_what_changed(tmp_path):
     assert "up to date" in _dvc(project, "status")
     assert _ran(_dvc(project, "repro")) == set()
 
+    # A train key that once lived only as a code default (params.yaml now lists every key):
+    # editing it makes training stale, and nothing upstream. `dvc status` runs nothing.
+    before = (project / "params.yaml").read_text()
+    _set_params(project, lambda p: p["train"].update(max_skips=3))
+    stale = _dvc(project, "status")
+    stale_stages = {line[:-1] for line in stale.splitlines() if line[:1].strip() and line.endswith(":")}
+    assert stale_stages == {"train"} and "params.yaml" in stale, stale  # DVC says: modified `train` section
+    (project / "params.yaml").write_text(before)
+    assert "up to date" in _dvc(project, "status")
+
     # 2. Only train.lr changed: train, export and eval rerun; nothing upstream does. The same
     #    for a source's weight: it is read by training alone.
     _shrink_params(project / "params.yaml", lr=0.002)
