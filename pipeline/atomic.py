@@ -6,8 +6,9 @@ cut). On any error the temporary file is removed and the target is untouched.
 Everything the pipeline writes for someone else to read goes through here
 (checkpoints have their own writer in pipeline/checkpoint.py for fault
 injection and torch.save's error reporting, built on the same `fsync_dir`).
-A directory written as a whole (an export, a token store) is staged under a
-temporary name and published with `publish_dir`.
+Writers that need a file name get one from `staged_file`; a directory
+written as a whole (an export, a token store part) is built in `staged_dir`
+or published with `publish_dir`.
 """
 
 from __future__ import annotations
@@ -21,26 +22,51 @@ from typing import IO
 
 
 @contextmanager
-def atomic_file(path: str | Path, mode: str = "w", encoding: str = "utf-8") -> Iterator[IO]:
-    """Open a temporary file next to `path` for writing; it replaces `path` when the block ends cleanly.
+def staged_file(path: str | Path) -> Iterator[Path]:
+    """A temporary path next to `path`, for writers that want a file name (torch.save, safetensors, gguf).
 
-    Text mode writes exactly the characters given (no newline translation)."""
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_file writes whole files: mode 'w' or 'wb', not {mode!r}")
+    When the block ends cleanly the file is fsynced and renamed over `path`, and the directory
+    fsynced; on any exception it is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    text = {} if mode == "wb" else {"encoding": encoding, "newline": ""}
     try:
-        with open(tmp, mode, **text) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "w", encoding: str = "utf-8") -> Iterator[IO]:
+    """Open a temporary file next to `path` for writing; it replaces `path` when the block ends cleanly.
+
+    Text mode writes exactly the characters given (no newline translation)."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_file writes whole files: mode 'w' or 'wb', not {mode!r}")
+    text = {} if mode == "wb" else {"encoding": encoding, "newline": ""}
+    with staged_file(path) as tmp, open(tmp, mode, **text) as f:
+        yield f
+
+
+@contextmanager
+def staged_dir(path: str | Path) -> Iterator[Path]:
+    """An empty temporary directory next to `path`; published over `path` (`publish_dir`) when the block
+    ends cleanly, removed on any exception."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a writer with this pid that was killed
+    tmp.mkdir()
+    try:
+        yield tmp
+        publish_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:

@@ -34,3 +34,18 @@ def test_publish_dir_replaces_a_directory_whole(tmp_path):
     atomic.publish_dir(staged, target)
     assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == ["sub", "sub/new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staged or old copy left
+
+
+def test_staged_file_and_dir_publish_only_on_success(tmp_path):
+    with atomic.staged_file(tmp_path / "model.gguf") as tmp:
+        tmp.write_bytes(b"GGUF")
+    assert (tmp_path / "model.gguf").read_bytes() == b"GGUF"
+    with pytest.raises(OSError):
+        with atomic.staged_dir(tmp_path / "export") as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise OSError("disk full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]  # nothing half-written, no debris
+    with atomic.staged_dir(tmp_path / "export") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert (tmp_path / "export" / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "model.gguf"]
