@@ -67,7 +67,8 @@ def measure(n_tokens: int, window_start: str, seq_len: int, micro: int, accum: i
     per_step = (time.perf_counter() - t0) / (2 * steps)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    return {"windows": sampler.windows[0].n_windows, "build_s": build, "step_ms": per_step * 1e3, "peak_kib": peak / 1024}
+    return {"windows": sampler.windows[0].n_windows, "build_s": build, "step_ms": per_step * 1e3,
+            "peak_kib": peak / 1024}
 
 
 def main() -> None:
@@ -77,7 +78,8 @@ def main() -> None:
     ap.add_argument("--accumulation", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    print("| window_start | tokens (big source) | windows (big source) | build | per step (64 × 257 tokens) | peak heap |")
+    print("| window_start | tokens (big source) | windows (big source) | build | per step (64 × 257 tokens) "
+          "| peak heap |")
     print("|---|---:|---:|---:|---:|---:|")
     for window_start in ("stream", "document"):
         for exp in (6, 8, 10, 12):

@@ -263,11 +263,11 @@ def check_compatible(checkpoint: dict, model_config, fingerprints: dict, allow_d
                  for k, v in dataclasses.asdict(model_config).items() if checkpoint["model_config"].get(k) != v]
     data_fields = ["tokenizer_sha256", "vocab_size", "seq_len", "global_batch"]
     if not allow_data_change:
-        data_fields.append("store_fingerprint")
+        data_fields += ["store_fingerprint", "data_mixture"]
     differing += [f"{k} ({_short(checkpoint['data'].get(k))} → {_short(fingerprints[k])})"
                   for k in data_fields if checkpoint["data"].get(k) != fingerprints[k]]
     if differing:
-        data_changed = any(d.startswith("store_") for d in differing)
+        data_changed = any(d.startswith(("store_", "data_mixture")) for d in differing)
         hint = " (new data on purpose? pass --allow-data-change)" if data_changed else ""
         raise UserError(f"{where}: cannot resume, the run differs in {', '.join(differing)}{hint}")
 

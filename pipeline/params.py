@@ -108,6 +108,9 @@ class TrainParams:
     """Precision: auto | bf16 | fp16 | fp32 (auto picks bf16 where the hardware has it)."""
     seed: int = 1337
     """Seeds the weights and the data order."""
+    window_start: Literal["stream", "document"] = "stream"
+    """Where training windows start: stream (every seq_len tokens of the packed documents) or
+    document (at a document's first token, BOS; the window still packs the documents after it)."""
     eval_interval: int = 50
     """Steps between validation-loss evaluations; 0 turns them off."""
     eval_batches: int = 8

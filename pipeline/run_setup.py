@@ -28,9 +28,8 @@ from pipeline.model import ModelConfig, Transformer
 from pipeline.optim import make_optimizer
 from pipeline.params import TrainParams
 from pipeline.progress import TRAIN_COLUMNS, VAL_COLUMNS, Display, MetricLog
-from pipeline.sampler import WindowSampler
-from pipeline.token_store import open_store
 from pipeline.tokenizer import TOKENIZER_FILES, load_tokenizer
+from pipeline.train_data import TrainData, open_train_data
 
 
 @dataclass
@@ -48,8 +47,7 @@ class Run:
     amp_dtype: torch.dtype = torch.float32
     # data
     model_config: ModelConfig = None
-    train_data: WindowSampler = None
-    val_data: WindowSampler = None
+    data: TrainData = None  # the sources, the sampler, the validation windows
     total_steps: int = 0
     fingerprints: dict = field(default_factory=dict)  # what a resume must match: the checkpoint's "data"
     tokenizer_files: dict = field(default_factory=dict)  # {name: text}, embedded in every checkpoint
@@ -66,6 +64,7 @@ class Run:
     skipped: int = 0
     loss: float = math.nan
     val_loss: float = math.nan
+    val_losses: dict[str, float] = field(default_factory=dict)  # the last evaluation's, per source
     # outputs: the display on every rank (silent off rank 0), the logs on rank 0 only
     display: Display | None = None
     train_log: MetricLog | None = None
@@ -91,9 +90,11 @@ class Run:
             print(text, file=sys.stderr, flush=True)
 
 
-def setup(tp: TrainParams, store_path, tokenizer_dir, model_path, resume: str, allow_data_change: bool,
-          requested: str, world: distributed.World, stop: StopRequest) -> Run:
-    """Device, data, model, optimizer, and the state of the checkpoint resumed from (if any)."""
+def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir, model_path, resume: str,
+          allow_data_change: bool, requested: str, world: distributed.World, stop: StopRequest) -> Run:
+    """Device, data, model, optimizer, and the state of the checkpoint resumed from (if any).
+
+    weights: {source name: weight} (data.sources), the sources to draw samples from."""
     run = Run(tp=tp, world=world, stop=stop, out_dir=Path(tp.out_dir))
 
     # ------------------------------------------------------------------ device
@@ -102,7 +103,8 @@ def setup(tp: TrainParams, store_path, tokenizer_dir, model_path, resume: str, a
     torch.manual_seed(tp.seed)
 
     # ------------------------------------------------------------------ data
-    store = open_store(store_path)
+    run.data = open_train_data(store_path, weights, tp, run.note)
+    store = run.data.store
     run.tokenizer_files, tokenizer_sha = read_tokenizer_dir(tokenizer_dir)
     if store.tokenizer_fingerprint != tokenizer_sha:
         raise UserError(f"{tokenizer_dir}: tokenizer differs from the one {store_path} was tokenized with "
@@ -114,14 +116,11 @@ def setup(tp: TrainParams, store_path, tokenizer_dir, model_path, resume: str, a
     if tp.seq_len > config.max_seq_len:
         raise UserError(f"train.seq_len {tp.seq_len} exceeds the model's max_seq_len {config.max_seq_len} "
                         f"({model_path})")
-    run.train_data = WindowSampler(store.train.tokens, tp.seq_len, tp.seed)
-    run.val_data = WindowSampler(store.val.tokens, tp.seq_len, tp.seed)
-    if run.train_data.n_windows < 1:
-        raise UserError(f"{store_path}: the train split has {len(store.train.tokens)} tokens, "
-                        "fewer than train.seq_len + 1")
-    run.total_steps = resolve_total_steps(tp, run.train_data.n_windows, run.global_batch)
+    run.total_steps = resolve_total_steps(tp, run.data.n_windows, run.global_batch)
+    run.note(run.data.summary(run.total_steps, run.global_batch))
     run.fingerprints = {
         "tokenizer_sha256": tokenizer_sha, "store_fingerprint": store.fingerprint,
+        "data_mixture": run.data.mixture_key,
         "vocab_size": store.vocab_size, "seq_len": tp.seq_len, "global_batch": run.global_batch,
     }
 
@@ -162,9 +161,12 @@ def open_outputs(run: Run, cleanup: ExitStack) -> None:
     cleanup.callback(run.display.close)  # a live bar left running would leave the terminal's cursor hidden
     run.display.val_loss = run.val_loss
     if main:
-        run.train_log = MetricLog(run.out_dir / "train_log.tsv", TRAIN_COLUMNS, run.start_step)
+        names = run.data.names
+        run.train_log = MetricLog(run.out_dir / "train_log.tsv", TRAIN_COLUMNS + [f"tokens/{n}" for n in names],
+                                  run.start_step)
         cleanup.callback(run.train_log.close)
-        run.val_log = MetricLog(run.out_dir / "val_log.tsv", VAL_COLUMNS, run.start_step)
+        run.val_log = MetricLog(run.out_dir / "val_log.tsv", VAL_COLUMNS + [f"val_loss/{n}" for n in names],
+                                run.start_step)
         cleanup.callback(run.val_log.close)
     run.flops_per_token = flops_per_token(run.model_config, run.tp.seq_len)
     run.peak_flops = peak_flops(run.device, run.amp_dtype) * run.world.size if main else 1.0

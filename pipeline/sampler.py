@@ -127,6 +127,11 @@ class Mixture:
         total = sum(Fraction(w) for w in weights)
         self.weights = [Fraction(w) / total for w in weights]  # exact: the float 0.1 is itself a rational
         self.drawn = [k for k, w in enumerate(self.weights) if w > 0]
+        # Due times compared as integers: (c + ½)/w_k ordered like (2c + 1)·Π_{j≠k} n_j, where
+        # w_j = n_j / D over a common denominator. Exact, and much faster than sorting Fractions.
+        denominator = math.lcm(*(w.denominator for w in self.weights))
+        numerators = {k: self.weights[k].numerator * (denominator // self.weights[k].denominator) for k in self.drawn}
+        self._scale = {k: math.prod(n for j, n in numerators.items() if j != k) for k in self.drawn}
 
     def _due_before(self, k: int, time: Fraction) -> int:
         """Samples of source k due strictly before `time`: #{c >= 0 : (c + ½)/w_k < time}."""
@@ -139,7 +144,7 @@ class Mixture:
         # Counts before time t sum to between t - K/2 and t + K/2, so these times bracket the range.
         lo, hi = Fraction(max(0, first - k_count)), Fraction(end + k_count)
         before = [self._due_before(k, lo) if k in self.drawn else 0 for k in range(len(self.weights))]
-        due = [((2 * c + 1) / (2 * self.weights[k]), k, c)
+        due = [((2 * c + 1) * self._scale[k], k, c)
                for k in self.drawn for c in range(before[k], self._due_before(k, hi))]
         due.sort()
         return sum(before), before, [(k, c) for _, k, c in due]
@@ -188,7 +193,7 @@ class MixtureSampler:
         self.names = [s.name for s in sources]
         self.windows = [Windows(s.tokens, s.doc_offsets, seq_len, window_start) for s in sources]
         self.seq_len, self.bos_id = seq_len, bos_id
-        empty = [s.name for s, w in zip(sources, self.windows) if s.weight > 0 and w.n_windows < 1]
+        empty = [s.name for s, w in zip(sources, self.windows, strict=True) if s.weight > 0 and w.n_windows < 1]
         if empty:
             raise ValueError(f"no window of seq_len + 1 = {seq_len + 1} tokens in source(s) {', '.join(empty)}")
         self.mixture = Mixture([s.weight for s in sources])
@@ -223,7 +228,7 @@ class MixtureSampler:
 
     def samples_per_source(self, n_samples: int) -> dict[str, int]:
         """How many of global samples 0 .. n_samples-1 each source supplies (exact, O(1))."""
-        return dict(zip(self.names, self.mixture.counts(n_samples)))
+        return dict(zip(self.names, self.mixture.counts(n_samples), strict=True))
 
 
 def eval_windows(n_windows: int, count: int) -> np.ndarray:

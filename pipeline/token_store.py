@@ -1,17 +1,23 @@
-"""Read the token store (`tokens.zarr`) the way the trainer wants it: memory-mapped.
+"""The token store (`tokens.zarr`): its layout, and reading it the way the trainer wants it.
 
-zarr-python decodes chunks into fresh arrays; the trainer instead maps the
-chunk files directly. That is exact because `mm tokenize` writes the arrays
-with the v3 `bytes` codec (little-endian) and no compressor, and the default
-chunk-key encoding puts chunk i at `<array>/c/i`. `open_store` checks all of
-that, plus the format version, the dtype, every chunk file's size, the
-attributes' counts against the arrays and the attributes' checksum, and raises
-a UserError naming the file.
+A store holds named sources, each made of parts (layout below). zarr-python
+decodes chunks into fresh arrays; the trainer instead memory-maps the chunk
+files. That is exact because `mm tokenize` writes the arrays with the v3
+`bytes` codec (little-endian) and no compressor, and the default chunk-key
+encoding puts chunk i at `<array>/c/i`. Opening checks all of that, plus the
+format version, the dtype, every chunk file's size, each part's counts against
+its arrays, the attributes' checksums, that every part shares the store's
+tokenizer and that every source asked for is present and complete, and raises
+a UserError naming the file, source or part. It reads metadata and file sizes
+only, so a store of 10^12 tokens opens as fast as one of 10^6; a source's
+parts are joined by views (pipeline/store_views.py), nothing is copied.
 
-    store = open_store("data/tokens.zarr")
-    store.train.tokens[a:b]      # np.ndarray of uint16/uint32
-    store.train.doc_offsets      # int64, n_docs + 1
-    store.fingerprint            # identifies tokenizer + sources + split
+    store = open_store("data/tokens.zarr", sources=["web", "code"], note=print)
+    src = store.sources["web"]          # its parts' documents, in part order
+    src.train.tokens[a:b]               # np.ndarray of uint16/uint32
+    src.train.doc_offsets[d]            # int64 start of document d (n_docs + 1 entries)
+    store.fingerprint                   # tokenizer + the opened sources' data
+    open_part("data/tokens.zarr/web/part-00000-of-00004").train   # one part
 """
 
 from __future__ import annotations
@@ -19,19 +25,21 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.sources import SOURCE_NAME
+from pipeline.store_views import ChunkedArray, ConcatArray, ConcatOffsets, open_array, read_json
 
 FORMAT_NAME = "mm-tokens"
 FORMAT_VERSION = 2
 STORE_VERSION = FORMAT_VERSION  # the version with sources and parts
 SPLITS = ("train", "val")
 ATTRS_CHECKSUM = "attrs_sha256"
+ChunkedTokens = ChunkedArray  # the chunk files of one array as one; the name tests use
 
 
 # --------------------------------------------------------------------------- layout (format 2)
@@ -95,69 +103,30 @@ def list_parts(store: str | Path, source: str) -> list[tuple[int, int]]:
     return sorted(x for x in found if x is not None)
 
 
-class ChunkedTokens:
-    """A read-only 1-D view over several memory-mapped chunk files.
-
-    Supports len(), integer indexing and `[a:b]` slicing (step 1), which
-    returns a numpy array (a view when the slice lies in one chunk).
-    """
-
-    def __init__(self, maps: list[np.ndarray], length: int, chunk_len: int):
-        self.maps = maps
-        self.length = length
-        self.chunk_len = chunk_len
-        self.dtype = maps[0].dtype if maps else None
-        self.shape = (length,)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, key):
-        if isinstance(key, slice):
-            start, stop, step = key.indices(self.length)
-            if step != 1:
-                return self[start:stop][::step]
-            if stop <= start:
-                return np.empty(0, dtype=self.dtype)
-            c0, c1 = start // self.chunk_len, (stop - 1) // self.chunk_len
-            if c0 == c1:
-                base = c0 * self.chunk_len
-                return self.maps[c0][start - base : stop - base]
-            parts = []
-            for c in range(c0, c1 + 1):
-                base = c * self.chunk_len
-                parts.append(self.maps[c][max(start - base, 0) : min(stop - base, self.chunk_len)])
-            return np.concatenate(parts)
-        i = int(key)
-        if i < 0:
-            i += self.length
-        if not 0 <= i < self.length:
-            raise IndexError(f"index {key} out of range for length {self.length}")
-        return self.maps[i // self.chunk_len][i % self.chunk_len]
-
-    def __array__(self, dtype=None, copy=None):
-        arr = self[0 : self.length]
-        return arr.astype(dtype) if dtype is not None else arr
+# --------------------------------------------------------------------------- reading
 
 
 @dataclass
 class Split:
-    tokens: np.ndarray | ChunkedTokens
-    """All tokens of the split, documents packed back to back (BOS + ids + EOS)."""
-    doc_offsets: np.ndarray
-    """int64, n_docs + 1: document d is tokens[doc_offsets[d]:doc_offsets[d+1]]."""
+    tokens: object
+    """All tokens of the split, documents packed back to back (BOS + ids + EOS): a memory-mapped
+    array or view (len, int index, [a:b] slices; pipeline/store_views.py)."""
+    doc_offsets: object
+    """int64, n_docs + 1: document d is tokens[doc_offsets[d]:doc_offsets[d+1]]; a view too."""
 
     @property
     def n_docs(self) -> int:
         return len(self.doc_offsets) - 1
 
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
 
-@dataclass
-class TokenStore:
-    path: Path
+
+class _TokenizerAttrs:
+    """Properties read from the `tokenizer` and `dtype` attributes (the same in root and parts)."""
+
     attrs: dict
-    train: Split
-    val: Split
 
     @property
     def dtype(self) -> np.dtype:
@@ -179,91 +148,84 @@ class TokenStore:
     def eos_id(self) -> int:
         return int(self.attrs["tokenizer"]["eos_id"])
 
+
+@dataclass
+class Part(_TokenizerAttrs):
+    """One part group: its attributes and its two splits."""
+
+    path: Path
+    attrs: dict
+    train: Split
+    val: Split
+
     @property
     def fingerprint(self) -> str:
-        """sha256 of the attributes that define the data (format, tokenizer, sources,
-        split rule, counts): equal stores give equal fingerprints wherever they lie."""
+        """sha256 of the attributes that define the part's data (format, tokenizer, source,
+        part, split rule, inputs and their ranges, counts): equal wherever it lies."""
         keys = ("format", "version", "dtype", "tokenizer", "source", "part", "text_field", "val_fraction",
                 "inputs", "counts")
-        canon = json.dumps({k: self.attrs.get(k) for k in keys}, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canon.encode()).hexdigest()
+        return _sha({k: self.attrs.get(k) for k in keys})
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path}: missing ({what})")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{path}: not valid JSON ({what})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: not a JSON object ({what})")
-    return obj
+@dataclass
+class Source:
+    """One named source: its parts' documents in part order, as one train and one val split."""
+
+    name: str
+    path: Path
+    parts: list[Part]
+    train: Split
+    val: Split
 
 
-def _open_array(array_dir: Path, dtype: np.dtype):
-    """Validate one array's zarr.json and chunk files; returns (maps, length, chunk_len)."""
-    meta_path = array_dir / "zarr.json"
-    meta = _read_json(meta_path, "array metadata")
-    if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
-        raise UserError(f"{meta_path}: not a Zarr v3 array")
-    if meta.get("data_type") != dtype.name:
-        raise UserError(f"{meta_path}: data_type {meta.get('data_type')!r}, expected {dtype.name!r}")
-    shape = meta.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int)):
-        raise UserError(f"{meta_path}: expected a 1-D array, shape is {shape!r}")
-    grid = meta.get("chunk_grid", {})
-    chunk = (grid.get("configuration") or {}).get("chunk_shape")
-    if grid.get("name") != "regular" or not (isinstance(chunk, list) and len(chunk) == 1 and chunk[0] > 0):
-        raise UserError(f"{meta_path}: expected a regular 1-D chunk grid")
-    codecs = meta.get("codecs")
-    raw_ok = (isinstance(codecs, list) and len(codecs) == 1 and codecs[0].get("name") == "bytes"
-              and (codecs[0].get("configuration") or {}).get("endian", "little") == "little")
-    if not raw_ok or meta.get("storage_transformers"):
-        raise UserError(f"{meta_path}: chunks are encoded ({codecs!r}); only uncompressed little-endian "
-                        "`bytes` chunks can be memory-mapped (re-run `mm tokenize`)")
-    cke = meta.get("chunk_key_encoding", {})
-    if cke.get("name") != "default" or (cke.get("configuration") or {}).get("separator", "/") != "/":
-        raise UserError(f"{meta_path}: expected the default chunk key encoding ('c/<i>')")
+@dataclass
+class TokenStore(_TokenizerAttrs):
+    path: Path
+    attrs: dict
+    """The root group's attributes (format, version, dtype, tokenizer)."""
+    sources: dict[str, Source]
+    """The sources opened: those asked for, in that order (all of the store's by default)."""
+    ignored: list[str] = field(default_factory=list)
+    """Sources of the store that were not asked for (left unopened)."""
 
-    length, chunk_len = shape[0], chunk[0]
-    n_chunks = -(-length // chunk_len)
-    dt = dtype.newbyteorder("<")
-    maps = []
-    for i in range(n_chunks):
-        f = array_dir / "c" / str(i)
-        if not f.is_file():
-            raise UserError(f"{f}: chunk file missing")
-        want = chunk_len * dt.itemsize
-        size = f.stat().st_size
-        if size != want:
-            raise UserError(f"{f}: chunk file is {size} bytes, expected {want} (truncated or altered)")
-        maps.append(np.memmap(f, dtype=dt, mode="r", shape=(chunk_len,)))
-    return maps, length, chunk_len
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the format, the tokenizer and, per opened source, its parts' fingerprints:
+        equal wherever the store lies, and unchanged by sources outside the selection."""
+        return _sha({"root": {k: self.attrs.get(k) for k in ("format", "version", "dtype", "tokenizer")},
+                     "sources": {n: [p.fingerprint for p in s.parts] for n, s in self.sources.items()}})
+
+    def _only(self) -> Source:
+        if len(self.sources) != 1:
+            raise UserError(f"{self.path}: holds {len(self.sources)} sources ({', '.join(self.sources)}); "
+                            "name the one to read")
+        return next(iter(self.sources.values()))
+
+    @property
+    def train(self) -> Split:
+        """The train split of a store of one source (or one source selected)."""
+        return self._only().train
+
+    @property
+    def val(self) -> Split:
+        """The val split of a store of one source (or one source selected)."""
+        return self._only().val
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _open_split(root: Path, name: str, dtype: np.dtype, counts: dict) -> Split:
-    maps, n_tok, chunk_len = _open_array(root / name / "tokens", dtype)
-    omaps, n_off, ochunk = _open_array(root / name / "doc_offsets", np.dtype("int64"))
-    if n_tok == 0:
-        tokens = np.zeros(0, dtype=dtype)
-    elif len(maps) == 1:
-        tokens = maps[0][:n_tok]
-    else:
-        tokens = ChunkedTokens(maps, n_tok, chunk_len)
-    if len(omaps) == 1:
-        offsets = omaps[0][:n_off]
-    elif n_off == 0:
-        offsets = np.zeros(0, dtype=np.int64)
-    else:
-        offsets = np.asarray(ChunkedTokens(omaps, n_off, ochunk)[0:n_off])
-
-    where = root / "zarr.json"
-    c = counts.get(name) or {}
-    if n_off < 1 or offsets[0] != 0 or offsets[-1] != n_tok:
+    tokens = open_array(root / name / "tokens", dtype)
+    offsets = open_array(root / name / "doc_offsets", np.dtype("int64"))
+    n_tok, n_off = len(tokens), len(offsets)
+    if n_off < 1 or offsets[0] != 0 or offsets[n_off - 1] != n_tok:
         raise UserError(f"{root / name / 'doc_offsets'}: offsets do not span {name}/tokens")
+    c = counts.get(name) if isinstance(counts, dict) else None
+    c = c if isinstance(c, dict) else {}
     if c.get("tokens") != n_tok or c.get("documents") != n_off - 1:
-        raise UserError(f"{where}: attributes say {name} has {c.get('documents')} documents / "
+        raise UserError(f"{root / 'zarr.json'}: attributes say {name} has {c.get('documents')} documents / "
                         f"{c.get('tokens')} tokens, the arrays hold {n_off - 1} / {n_tok} (store altered?)")
     return Split(tokens=tokens, doc_offsets=offsets)
 
@@ -273,7 +235,7 @@ def read_group_attrs(root: Path, checksum: bool = True) -> tuple[Path, dict]:
     meta_path = root / "zarr.json"
     if not meta_path.is_file():
         raise UserError(f"{root}: not a token store (no zarr.json)")
-    meta = _read_json(meta_path, "group metadata")
+    meta = read_json(meta_path, "group metadata")
     if meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
         raise UserError(f"{meta_path}: not a Zarr v3 group")
     attrs = meta.get("attributes") or {}
@@ -295,16 +257,24 @@ def check_checksum(meta_path: Path, attrs: dict) -> None:
                         f"({ATTRS_CHECKSUM} {what}; re-run `mm tokenize`)")
 
 
-def open_part(path: str | Path) -> TokenStore:
+def open_part(path: str | Path) -> Part:
     """Open and validate one part group (`STORE/<source>/part-IIIII-of-NNNNN`)."""
     root = Path(path)
     if not root.exists():
         raise UserError(f"{root}: token store part not found (run `mm tokenize` first)")
     meta_path, attrs = read_group_attrs(root, checksum=False)
+    _check_tokenizer_attrs(meta_path, attrs)
+    if not isinstance(attrs.get("counts"), dict):
+        raise UserError(f"{meta_path}: attributes incomplete or malformed (no counts)")
+    splits = {name: _open_split(root, name, np.dtype(attrs["dtype"]), attrs["counts"]) for name in SPLITS}
+    check_checksum(meta_path, attrs)  # last, so the specific checks above name what is wrong when they can
+    return Part(path=root, attrs=attrs, **splits)
+
+
+def _check_tokenizer_attrs(meta_path: Path, attrs: dict) -> None:
     try:
         dtype = np.dtype(attrs["dtype"])
         vocab = int(attrs["tokenizer"]["vocab_size"])
-        counts = attrs["counts"]
         for k in ("fingerprint", "bos_id", "eos_id", "pad_id"):
             attrs["tokenizer"][k]
     except (KeyError, TypeError, ValueError) as e:
@@ -313,31 +283,81 @@ def open_part(path: str | Path) -> TokenStore:
         raise UserError(f"{meta_path}: dtype {dtype.name!r} must be uint16 or uint32")
     if vocab > np.iinfo(dtype).max + 1:
         raise UserError(f"{meta_path}: vocab_size {vocab} does not fit dtype {dtype.name}")
-    splits = {name: _open_split(root, name, dtype, counts) for name in SPLITS}
-    check_checksum(meta_path, attrs)  # last, so the specific checks above name what is wrong when they can
-    return TokenStore(path=root, attrs=attrs, **splits)
 
 
-def open_store(path: str | Path) -> TokenStore:
-    """Open and validate a token store written by `mm tokenize` that holds one source of
-    one part (or a part directly); stores of several sources or parts are read by the
-    sources reader."""
+def _concat(splits: list[Split]) -> Split:
+    """The parts' splits as one: tokens back to back, offsets shifted (the split itself for one part)."""
+    if len(splits) == 1:
+        return splits[0]
+    return Split(tokens=ConcatArray([s.tokens for s in splits]),
+                 doc_offsets=ConcatOffsets([s.doc_offsets for s in splits], [s.n_tokens for s in splits]))
+
+
+def _source(name: str, path: Path, parts: list[Part]) -> Source:
+    return Source(name=name, path=path, parts=parts, train=_concat([p.train for p in parts]),
+                  val=_concat([p.val for p in parts]))
+
+
+def _open_source(root: Path, root_attrs: dict, name: str) -> Source:
+    """A complete source: parts 0..N-1 of one N, each valid and made with the store's tokenizer."""
+    where = source_dir(root, name)
+    found = list_parts(root, name)
+    if not found:
+        raise UserError(f"{where}: source {name!r} has no finished part (run `mm tokenize RAW --source {name} "
+                        f"--out {root}`)")
+    counts = sorted({n for _, n in found})
+    if len(counts) > 1:
+        names = ", ".join(part_name(i, n) for i, n in found)
+        raise UserError(f"{where}: the parts of source {name!r} disagree on how many there are ({names}); "
+                        "remove those of the other split")
+    count = counts[0]
+    missing = sorted(set(range(count)) - {i for i, _ in found})
+    if missing:
+        shown = ", ".join(part_name(i, count) for i in missing[:6]) + (", ..." if len(missing) > 6 else "")
+        raise UserError(f"{where}: source {name!r} is incomplete: {len(missing)} of its {count} parts missing "
+                        f"({shown}); run `mm tokenize RAW --source {name} --part I/{count}` for each")
+    parts = []
+    for i in range(count):
+        part = open_part(part_dir(root, name, i, count))
+        for key in ("dtype", "tokenizer"):
+            if part.attrs.get(key) != root_attrs.get(key):
+                raise UserError(f"{part.path / 'zarr.json'}: {key} differs from the store's ({root / 'zarr.json'}): "
+                                "every source of a store uses the store's tokenizer")
+        parts.append(part)
+    return _source(name, where, parts)
+
+
+def open_store(path: str | Path, sources: list[str] | None = None, note=None) -> TokenStore:
+    """Open and validate a token store written by `mm tokenize`: metadata and file sizes only.
+
+    sources: the names to open, in this order (None: every source of the store). A name the
+    store lacks, or an incomplete source, is a UserError naming it; a store source not named
+    is left unopened and reported once through `note(text)`. A part directory opens as a
+    store of that one part."""
     root = Path(path)
     if not root.exists():
         raise UserError(f"{root}: token store not found (run `mm tokenize` first)")
     meta_path, attrs = read_group_attrs(root, checksum=False)
-    if "part" in attrs:
-        return open_part(root)
+    if "part" in attrs:  # a part directly
+        part = open_part(root)
+        name = str(attrs.get("source", root.parent.name))
+        return TokenStore(path=root, attrs=attrs, sources={name: _source(name, root, [part])})
     check_checksum(meta_path, attrs)
-    sources = list_sources(root)
-    parts = [(s, i, n) for s in sources for i, n in list_parts(root, s)]
-    if len(parts) != 1 or parts[0][1:] != (0, 1):
-        raise UserError(f"{root}: holds {len(sources)} sources in {len(parts)} parts; this reader opens "
-                        "a store of one source tokenized as one part")
-    store = open_part(part_dir(root, *parts[0]))
-    if store.tokenizer_fingerprint != (attrs.get("tokenizer") or {}).get("fingerprint"):
-        raise UserError(f"{store.path / 'zarr.json'}: tokenized with another tokenizer than {meta_path} names")
-    return store
+    _check_tokenizer_attrs(meta_path, attrs)
+    present = list_sources(root)
+    wanted = list(present) if sources is None else list(sources)
+    if not wanted:
+        raise UserError(f"{root}: holds no sources (run `mm tokenize RAW --source NAME --out {root}`)")
+    absent = [s for s in wanted if s not in present]
+    if absent:
+        raise UserError(f"{root}: no source {', '.join(absent)} in the store (data.sources names it; the store "
+                        f"holds: {', '.join(present) or 'none'}); run `mm tokenize RAW --source NAME --out {root}`")
+    ignored = [s for s in present if s not in wanted]
+    if ignored and note is not None:
+        note(f"note: {root} also holds source{'s' if len(ignored) > 1 else ''} {', '.join(ignored)}, "
+             "not in data.sources: ignored")
+    opened = {name: _open_source(root, attrs, name) for name in wanted}
+    return TokenStore(path=root, attrs=attrs, sources=opened, ignored=ignored)
 
 
 def attrs_checksum(attrs: dict) -> str:

@@ -29,12 +29,12 @@ from pipeline import distributed
 from pipeline.checkpoint import all_finite, checkpoint_state, save_checkpoint
 from pipeline.errors import UserError
 from pipeline.optim import lr_at, set_lr
-from pipeline.params import Params, TrainParams, check_params
+from pipeline.params import Params, check_params
 from pipeline.plots import write_loss_png
 from pipeline.progress import write_metrics
 from pipeline.run_setup import Run, StopRequest, open_outputs, setup
-from pipeline.sampler import WindowSampler
-from pipeline.scoring import score_tokens, token_nll_sum
+from pipeline.scoring import token_nll_sum
+from pipeline.train_data import evaluate_sources, source_weights
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; rerun to resume
 
@@ -69,7 +69,9 @@ def train(
         cleanup.callback(distributed.close_world, world)
         stop = StopRequest()
         cleanup.callback(stop.restore)
-        run = setup(tp, store_path, tokenizer_dir, model_path, resume, allow_data_change, requested, world, stop)
+        weights = source_weights(params)
+        run = setup(tp, weights, store_path, tokenizer_dir, model_path, resume, allow_data_change, requested, world,
+                    stop)
         if run.start_step >= run.total_steps:
             run.note(f"nothing to do: {run.out_dir} already holds step {run.start_step} of {run.total_steps} "
                      "(--resume none starts over)")
@@ -88,12 +90,13 @@ def run_loop(run: Run) -> dict:
         step = stats.step
 
         # ------------------------------------------------------------------ evaluate
-        if tp.eval_interval and (step % tp.eval_interval == 0 or step == run.total_steps) \
-                and len(run.val_data.tokens) > tp.seq_len:
+        if tp.eval_interval and (step % tp.eval_interval == 0 or step == run.total_steps) and run.data.val:
             # The bare module: no DDP hooks; under FSDP it is the sharded model itself.
-            run.val_loss = evaluate(run.raw_model, run.val_data, tp, run.device, run.autocast)
+            losses = evaluate_sources(run.raw_model, run.data, tp, run.device, run.autocast)
+            run.val_loss, run.val_losses = losses.pop(""), losses
             if run.world.is_main:
-                run.val_log.write(step=step, val_loss=run.val_loss)
+                run.val_log.write(step=step, val_loss=run.val_loss,
+                                  **{f"val_loss/{n}": losses.get(n, math.nan) for n in run.data.names})
                 run.display.val_loss = run.val_loss
 
         # ------------------------------------------------------------------ checkpoint
@@ -130,12 +133,12 @@ def train_step(run: Run, step: int) -> StepStats:
     # rank mean, and DDP/FSDP's average over ranks makes it the global-batch mean.
     local_loss = torch.zeros((), device=run.device)
     grad_syncs, counter = 0, run.sync_counter
-    batches = run.train_data.micro_batches(step, world.rank, world.size, tp.micro_batch_size, tp.accumulation_steps)
-    for m, (x, y) in enumerate(batches):
-        x, y = x.to(run.device), y.to(run.device)
+    batches = run.data.sampler.micro_batches(step, world.rank, world.size, tp.micro_batch_size, tp.accumulation_steps)
+    for m, batch in enumerate(batches):
+        x, y, doc_ids = batch.inputs.to(run.device), batch.targets.to(run.device), batch.doc_ids.to(run.device)
         distributed.set_gradient_sync(run.model, m == tp.accumulation_steps - 1)
         with run.autocast:
-            logits, aux_loss = run.forward(x)
+            logits, aux_loss = run.forward(x, doc_ids=doc_ids)  # doc_ids: used when the model attends by document
         token_loss = token_nll_sum(logits, y)
         micro_loss = token_loss / (tp.seq_len * tp.rank_batch)
         objective = micro_loss + aux_loss / tp.accumulation_steps
@@ -190,7 +193,8 @@ def log_step(run: Run, stats: StepStats) -> None:
     counted = run.sync_counter is not None or not run.world.distributed  # FSDP's syncs are not counted
     run.train_log.write(step=stats.step, loss=stats.loss, lr=stats.lr, grad_norm=stats.grad_norm,
                         tokens=stats.step * run.tokens_per_step, tokens_per_s=round(run.tokens_per_s, 1),
-                        skipped=run.skipped, grad_syncs=stats.grad_syncs if counted else float("nan"))
+                        skipped=run.skipped, grad_syncs=stats.grad_syncs if counted else float("nan"),
+                        **{f"tokens/{n}": t for n, t in run.data.tokens_seen(stats.step, run.global_batch).items()})
     run.display.step(stats.step, stats.loss, stats.lr, stats.grad_norm, run.tokens_per_s, run.mfu)
 
 
@@ -224,24 +228,11 @@ def finish(run: Run, step: int, elapsed: float) -> dict:
         "steps": step, "tokens_seen": step * run.tokens_per_step, "skipped_steps": run.skipped,
         "tokens_per_s": round(steps_run * run.tokens_per_step / elapsed, 1) if steps_run else None,
         "mfu": round(run.mfu, 4), "processes": run.world.size, "dtype": str(run.amp_dtype).removeprefix("torch."),
+        "tokens_by_source": run.data.tokens_seen(step, run.global_batch),
+        "val_loss_by_source": run.val_losses,
     }
     if run.world.is_main:
         write_metrics(run.out_dir / "metrics.json", metrics)
         write_loss_png(run.out_dir)  # the logs are flushed row by row; the cleanup closes them
     return metrics
-
-
-# ---------------------------------------------------------------------------
-# Pieces of the loop
-# ---------------------------------------------------------------------------
-
-
-def evaluate(model, val_data: WindowSampler, tp: TrainParams, device, autocast) -> float:
-    """Mean loss over the fixed validation windows, scored by the evaluator `mm eval` uses
-    (pipeline/scoring.py: same window rule, same cross-entropy); every rank scores all of them."""
-    score = score_tokens(model, val_data.tokens, tp.seq_len, tp.eval_batches * tp.micro_batch_size,
-                         tp.micro_batch_size, device, autocast=autocast)
-    model.train()
-    return score.loss
-
 

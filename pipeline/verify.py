@@ -145,7 +145,8 @@ def _attrs_mismatch(attrs: dict, meta_path: Path) -> Row | None:
 
 def _verify_part(root: Path, dtype: np.dtype, vocab: int, hashes: dict, version: str) -> list[Row]:
     """The train/val arrays under `root`; `hashes` maps "train/tokens/c/0" to its recorded sha256."""
-    from pipeline.token_store import SPLITS, _open_array
+    from pipeline.store_views import array_layout
+    from pipeline.token_store import SPLITS
 
     rows = []
     for name in SPLITS:
@@ -153,7 +154,7 @@ def _verify_part(root: Path, dtype: np.dtype, vocab: int, hashes: dict, version:
         for array, array_dtype, limit in (("tokens", dtype, vocab), ("doc_offsets", np.dtype("int64"), None)):
             array_dir = root / name / array
             try:
-                _, length, chunk_len = _open_array(array_dir, array_dtype)  # metadata and chunk file sizes
+                length, chunk_len = array_layout(array_dir, array_dtype)  # metadata and chunk file sizes
             except UserError as e:
                 rows.append(_failed(e, array_dir, "array layout"))
                 return rows

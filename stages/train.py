@@ -99,7 +99,7 @@ def _train_here(p, data, tokenizer, model, resume, allow_data_change, device) ->
     except Preempted:
         raise typer.Exit(PREEMPTED_EXIT_CODE)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line from rank 0
-        shown = {k: v for k, v in metrics.items() if v is not None}
+        shown = {k: v for k, v in metrics.items() if v is not None and not isinstance(v, dict)}  # not per source
         print("done: " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()), file=sys.stderr)
 
 

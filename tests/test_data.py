@@ -25,6 +25,15 @@ PART = "sample/part-00000-of-00001"
 """The one part of a store tokenized from sample.jsonl in one run."""
 
 
+def only_part(store: Path):
+    """The one part of a store holding one source tokenized in one run (its attributes, arrays)."""
+    from pipeline.token_store import list_parts, list_sources, open_part, part_dir
+
+    (source,) = list_sources(store)
+    ((index, count),) = list_parts(store, source)
+    return open_part(part_dir(store, source, index, count))
+
+
 def store_files(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
@@ -199,7 +208,6 @@ def messy(tiny_store, tmp_path_factory):
 
 
 def test_bad_lines_counted_and_tokens_match_independent_encoding(tiny_store, messy, tmp_path):
-    from pipeline.token_store import open_store
 
     d, info = messy
     path = d / "messy.jsonl"
@@ -215,7 +223,7 @@ def test_bad_lines_counted_and_tokens_match_independent_encoding(tiny_store, mes
     assert r.returncode == 0, r.stderr
     assert "rejected" in r.stdout and "not_json" in r.stdout  # summary table
 
-    store = open_store(out)
+    store = only_part(out)
     c = store.attrs["counts"]
     assert c["lines"] == n_lines
     assert c["kept"] + c["rejected"] == n_lines
@@ -251,7 +259,7 @@ def test_bad_lines_counted_and_tokens_match_independent_encoding(tiny_store, mes
         r = mm("tokenize", *[tmp_path / f for f in files], "--tokenizer", tiny_store.tokenizer,
                "--out", tmp_path / name, "--workers", 1, "--val-fraction", 0.1, cwd=tmp_path)
         assert r.returncode == 0, r.stderr
-    two, one = open_store(tmp_path / "two.zarr"), open_store(tmp_path / "one.zarr")
+    two, one = only_part(tmp_path / "two.zarr"), only_part(tmp_path / "one.zarr")
     assert [s["name"] for s in two.attrs["inputs"]] == ["a.jsonl.gz", "b.jsonl"]
     assert two.attrs["counts"]["lines"] == one.attrs["counts"]["lines"] == len(lines)
     assert two.attrs["counts"]["kept"] == one.attrs["counts"]["kept"] == c["kept"] - 2
@@ -302,7 +310,7 @@ def test_workers_1_and_2_byte_identical(tiny_store, tmp_path):
 def test_zarr_reads_what_memmap_reader_returns(tiny_store, tmp_path, chunk_tokens):
     import zarr
 
-    from pipeline.token_store import ChunkedTokens, open_store
+    from pipeline.token_store import ChunkedTokens
     from pipeline.tokenize import tokenize_files
 
     path = tiny_store.store
@@ -310,7 +318,7 @@ def test_zarr_reads_what_memmap_reader_returns(tiny_store, tmp_path, chunk_token
         path = tmp_path / "chunked.zarr"
         tokenize_files([tiny_store.corpus], tiny_store.tokenizer, path, val_fraction=0.05,
                        progress=False, chunk_tokens=chunk_tokens)
-    store = open_store(path)
+    store = only_part(path)
     assert store.path == path / "sample" / "part-00000-of-00001"  # source named after the file
     root = zarr.open_group(str(path), mode="r")
     assert root.attrs["version"] == 2 and root.attrs["tokenizer"] == store.attrs["tokenizer"]

@@ -1,0 +1,117 @@
+"""The data side of a training run: the sources it draws from, what it reports about them.
+
+    data = open_train_data(store_path, {"web": 0.6, "code": 0.3, "zh": 0.1}, tp, note)
+    data.sampler.micro_batches(step, rank, world, micro, accum)   # Batch objects (pipeline/sampler.py)
+    data.summary(total_steps, global_batch)   # per source: tokens, documents, weight, passes
+    data.tokens_seen(step, global_batch)      # per source, exact: the order is a function of the step
+    evaluate_sources(model, data, tp, device, autocast)   # val loss per source and overall
+
+Sources with weight 0 are left out: not opened, not required in the store.
+The overall validation loss is the weight-averaged loss of the sources, the
+loss on the training mixture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.params import Params, TrainParams
+from pipeline.sampler import MixtureSampler, SourceSplit, Windows
+from pipeline.scoring import score_tokens
+from pipeline.sources import parse_sources
+from pipeline.token_store import TokenStore, open_store
+
+
+@dataclass
+class TrainData:
+    store: TokenStore
+    names: list[str]
+    weights: list[float]
+    sampler: MixtureSampler
+    val: dict[str, Windows]
+    """Validation windows of each source that has at least one."""
+
+    @property
+    def mixture_key(self) -> str:
+        """What decides the data order besides the store and the step: normalised weights and
+        window_start (a resume refuses a change without --allow-data-change)."""
+        total = sum(self.weights)
+        mix = " ".join(f"{n}={w / total:.6g}" for n, w in zip(self.names, self.weights, strict=True))
+        return f"{mix} window_start={self.sampler.windows[0].window_start}"
+
+    @property
+    def n_windows(self) -> int:
+        """Training windows of all sources together: what train.epochs counts passes over."""
+        return sum(w.n_windows for w in self.sampler.windows)
+
+    def samples_seen(self, step: int, global_batch: int) -> dict[str, int]:
+        return self.sampler.samples_per_source(step * global_batch)
+
+    def tokens_seen(self, step: int, global_batch: int) -> dict[str, int]:
+        """Tokens (inputs) of each source in steps 0 .. step-1."""
+        return {k: n * self.sampler.seq_len for k, n in self.samples_seen(step, global_batch).items()}
+
+    def summary(self, total_steps: int, global_batch: int) -> str:
+        """A table, one row per source: tokens and documents of its train split, normalised
+        weight, and the passes over its windows that total_steps make."""
+        seen = self.samples_seen(total_steps, global_batch)
+        total_w = sum(self.weights)
+        rows = [("source", "tokens", "documents", "weight", "passes")]
+        for name, weight, windows in zip(self.names, self.weights, self.sampler.windows, strict=True):
+            split = self.store.sources[name].train
+            rows.append((name, f"{split.n_tokens:,}", f"{split.n_docs:,}", f"{weight / total_w:.3f}",
+                         f"{seen[name] / windows.n_windows:.3g}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+                 for r in rows]
+        return (f"data: {len(self.names)} source{'s' if len(self.names) > 1 else ''} from {self.store.path}, "
+                f"window_start {self.sampler.windows[0].window_start}\n  " + "\n  ".join(lines))
+
+
+def source_weights(params: Params) -> dict[str, float]:
+    """{name: weight} of data.sources, checked (pipeline/sources.py)."""
+    return {name: s.weight for name, s in parse_sources(params.data.sources, params.data.text_field).items()}
+
+
+def open_train_data(store_path: str | Path, weights: dict[str, float], tp: TrainParams, note) -> TrainData:
+    """Open the sources with a positive weight and build the sampler; UserErrors name what is wrong."""
+    drawn = {name: w for name, w in weights.items() if w > 0}
+    if not drawn:
+        raise UserError("data.sources: every weight is 0; at least one source must have a positive weight")
+    store = open_store(store_path, sources=list(drawn), note=note)
+    names = list(store.sources)
+    for name in names:
+        split = store.sources[name].train
+        if Windows(split.tokens, split.doc_offsets, tp.seq_len, tp.window_start).n_windows < 1:
+            raise UserError(f"{store_path}: source {name!r} has {split.n_tokens} train tokens in {split.n_docs} "
+                            f"documents: no window of train.seq_len + 1 = {tp.seq_len + 1} tokens"
+                            + (" starting at a document" if tp.window_start == "document" else ""))
+    sampler = MixtureSampler(
+        [SourceSplit(n, drawn[n], store.sources[n].train.tokens, store.sources[n].train.doc_offsets) for n in names],
+        tp.seq_len, tp.seed, store.bos_id, tp.window_start)
+    val = {}
+    for name in names:  # the scorer's windows: every seq_len tokens of the val split
+        split = store.sources[name].val
+        windows = Windows(split.tokens, split.doc_offsets, tp.seq_len)
+        if windows.n_windows:
+            val[name] = windows
+    return TrainData(store=store, names=names, weights=[drawn[n] for n in names], sampler=sampler, val=val)
+
+
+def evaluate_sources(model, data: TrainData, tp: TrainParams, device, autocast) -> dict[str, float]:
+    """Validation loss of each source (eval_batches × micro_batch_size windows of its val split,
+    evenly spread, scored by pipeline/scoring.py as `mm eval` does), and their weight-averaged
+    mean under "" (the loss on the training mixture). Every rank scores all of them."""
+    losses = {}
+    for name in data.val:
+        split = data.store.sources[name].val
+        score = score_tokens(model, split.tokens, tp.seq_len, tp.eval_batches * tp.micro_batch_size,
+                             tp.micro_batch_size, device, autocast=autocast)
+        losses[name] = score.loss
+    model.train()
+    weights = {n: w for n, w in zip(data.names, data.weights, strict=True) if n in losses}
+    if losses:
+        losses[""] = sum(weights[n] * loss for n, loss in losses.items()) / sum(weights.values())
+    return losses

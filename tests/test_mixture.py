@@ -1,0 +1,244 @@
+"""Several sources: reading them from the store, and training from them by weight.
+
+What is shown:
+  parts         a source written as 3 parts reads as one source identical to the same text
+                written as 1 part: tokens and document offsets, slices across part boundaries
+  selection     open_store opens the sources asked for, in that order; one not in the store is an
+                error naming it; a store source not asked for is left out with one note, and does
+                not change the fingerprint
+  completeness  a missing part is an error naming it; parts of different splits are refused
+  scale         the views index and slice past 2^32 tokens and documents with int64 arithmetic
+  training      `mm train` over three sources weighted 0.6/0.3/0.1 with window_start document:
+                tokens/NAME in train_log.tsv within a sample of the weights at every step, the same
+                figures in metrics.json, val_loss per source and overall (their weighted mean), the
+                summary table; two processes give the same per-step losses (1e-5, fp32) and a run
+                stopped halfway and resumed gives the identical log rows
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.store_views import ConcatArray, ConcatOffsets
+from pipeline.token_store import open_store, part_dir
+
+
+@pytest.fixture(scope="module")
+def store(tiny_store, tmp_path_factory) -> Path:
+    """Sources `three` (3 parts) and `one` (1 part) of the same 600 documents; `other` (80 others)."""
+    from pipeline.tokenize import tokenize_files
+
+    root = tmp_path_factory.mktemp("sources")
+    lines = tiny_store.corpus.read_text().splitlines()
+    (root / "a.jsonl").write_text("\n".join(lines[:600]) + "\n")
+    (root / "b.jsonl").write_text("\n".join(lines[600:680]) + "\n")
+    out = root / "tokens.zarr"
+    common = dict(val_fraction=0.1, progress=False, chunk_tokens=4096)  # several chunk files per part
+    for i in (2, 0, 1):
+        tokenize_files([root / "a.jsonl"], tiny_store.tokenizer, out, source="three", part=(i, 3), **common)
+    tokenize_files([root / "a.jsonl"], tiny_store.tokenizer, out, source="one", **common)
+    tokenize_files([root / "b.jsonl"], tiny_store.tokenizer, out, source="other", **common)
+    return out
+
+
+def test_parts_read_as_one_source(store):
+    s = open_store(store, sources=["three", "one"])
+    assert list(s.sources) == ["three", "one"] and len(s.sources["three"].parts) == 3
+    for split in ("train", "val"):
+        three, one = getattr(s.sources["three"], split), getattr(s.sources["one"], split)
+        assert three.n_tokens == one.n_tokens and three.n_docs == one.n_docs > 0
+        assert np.array_equal(np.asarray(three.tokens), np.asarray(one.tokens))
+        assert np.array_equal(np.asarray(three.doc_offsets), np.asarray(one.doc_offsets))
+    three = s.sources["three"].train
+    first_part = s.sources["three"].parts[0].train
+    edge = first_part.n_tokens  # the first token of part 1
+    assert np.array_equal(three.tokens[edge - 5 : edge + 5], s.sources["one"].train.tokens[edge - 5 : edge + 5])
+    d = first_part.n_docs  # document d is the first of part 1: it starts where part 0 ends
+    assert three.doc_offsets[d] == edge and three.tokens[edge] == s.bos_id
+    assert three.doc_offsets[three.n_docs] == three.n_tokens
+
+
+def test_selection_missing_sources_and_notes(store):
+    notes = []
+    s = open_store(store, sources=["other"], note=notes.append)
+    assert list(s.sources) == ["other"] and s.ignored == ["one", "three"]
+    assert len(notes) == 1 and "one, three" in notes[0] and "ignored" in notes[0]
+    assert s.train.n_tokens == s.sources["other"].train.n_tokens  # one source: its splits directly
+    with pytest.raises(UserError, match="holds 3 sources"):
+        _ = open_store(store).train
+    with pytest.raises(UserError, match=r"no source web, zh .*holds: one, other, three"):
+        open_store(store, sources=["web", "other", "zh"])
+
+
+def test_fingerprint_covers_only_the_selected_sources(store, tmp_path):
+    before = open_store(store, sources=["one", "other"]).fingerprint
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    shutil.rmtree(copy / "three")
+    assert open_store(copy, sources=["one", "other"]).fingerprint == before  # moved, a source less
+    assert open_store(copy, sources=["other", "one"]).fingerprint == before  # order is not data
+    assert open_store(copy, sources=["one"]).fingerprint != before
+
+
+def test_incomplete_or_mixed_parts_are_refused_naming_them(store, tmp_path):
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    shutil.rmtree(part_dir(copy, "three", 1, 3))
+    missing = r"source 'three' is incomplete: 1 of its 3 parts missing \(part-00001-of-00003\)"
+    with pytest.raises(UserError, match=missing):
+        open_store(copy, sources=["three"])
+    open_store(copy, sources=["one"])  # the others still open
+    shutil.copytree(part_dir(store, "one", 0, 1), part_dir(copy, "three", 0, 1))
+    with pytest.raises(UserError, match="disagree on how many"):
+        open_store(copy, sources=["three"])
+
+
+def test_a_part_from_another_tokenizer_is_refused(store, tmp_path):
+    from pipeline.token_store import ATTRS_CHECKSUM, attrs_checksum
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    meta_path = part_dir(copy, "other", 0, 1) / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["tokenizer"]["fingerprint"] = "0" * 64
+    meta["attributes"][ATTRS_CHECKSUM] = attrs_checksum(meta["attributes"])
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="tokenizer differs from the store's"):
+        open_store(copy, sources=["other"])
+
+
+class Synthetic:
+    """n values without storage: value i is i * step (so offsets grow, tokens wrap in uint16)."""
+
+    def __init__(self, n: int, step: int = 1, dtype="int64"):
+        self.n, self.step, self.dtype = n, step, np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return (np.arange(key.start, key.stop, dtype=np.int64) * self.step).astype(self.dtype)
+        return np.array(int(key) * self.step, dtype=np.int64).astype(self.dtype)[()]
+
+
+def test_views_past_2_to_the_32():
+    big = 3 * 2**31  # tokens per part: 6.4·10^9 together
+    tokens = ConcatArray([Synthetic(big, dtype="uint16"), Synthetic(big, dtype="uint16")])
+    assert len(tokens) == 2 * big
+    across = tokens[big - 2 : big + 2]
+    assert across.tolist() == [(big - 2) % 2**16, (big - 1) % 2**16, 0, 1]
+    assert int(tokens[2 * big - 1]) == (big - 1) % 2**16
+    # Two parts of 2^32 + 1 one-token documents each: offsets run past 2^33.
+    docs = 2**32 + 1
+    offsets = ConcatOffsets([Synthetic(docs + 1), Synthetic(docs + 1)], [docs, docs])
+    assert len(offsets) == 2 * docs + 1
+    assert int(offsets[docs]) == docs and int(offsets[docs + 1]) == docs + 1
+    assert offsets[docs - 1 : docs + 2].tolist() == [docs - 1, docs, docs + 1]
+    assert int(offsets[2 * docs]) == 2 * docs and offsets[2 * docs - 1 :].dtype == np.int64
+
+
+# ---------------------------------------------------------------------------
+# Training from the three sources through the CLI (window_start document)
+# ---------------------------------------------------------------------------
+
+WEIGHTS = {"three": 0.6, "other": 0.3, "one": 0.1}
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def runs(store, tiny_store, tmp_path_factory) -> dict[str, Path]:
+    """ref: one process, accumulation 2; procs2: two processes, accumulation 1 (same global batch);
+    resumed: ref's settings stopped at step 12 (train.stop_after) and resumed in a new process."""
+    import subprocess
+    import sys
+
+    from conftest import mm, mm_env
+
+    root = tmp_path_factory.mktemp("mix_runs")
+    params = {"data": {"sources": {n: {"path": "unused.jsonl", "weight": w} for n, w in WEIGHTS.items()}}}
+    (root / "params.yaml").write_text(json.dumps(params))
+    done = mm("config", "--tokenizer", tiny_store.tokenizer, "--out", root / "model.json", "--params",
+              root / "params.yaml", "--set", "model.dim=32", "--set", "model.n_layers=1", cwd=root)
+    assert done.returncode == 0, done.stderr
+
+    def train(name: str, *extra: str) -> list[str]:
+        sets = ["seq_len=32", "micro_batch_size=4", f"max_steps={STEPS}", "dtype=fp32", "eval_interval=12",
+                "eval_batches=1", "save_interval=100", "log_interval=12", "warmup_steps=2", "seed=3",
+                "window_start=document", f"out_dir={root / name}"]
+        cmd = [sys.executable, "-m", "stages.cli", "train", "--data", str(store), "--tokenizer",
+               str(tiny_store.tokenizer), "--model", str(root / "model.json"), "--device", "cpu",
+               "--params", str(root / "params.yaml")]
+        return cmd + [a for s in sets for a in ("--set", f"train.{s}")] + list(extra)
+
+    env = mm_env(OMP_NUM_THREADS="1")
+    procs = {
+        "ref": train("ref", "--set", "train.accumulation_steps=2"),
+        "procs2": train("procs2", "--procs", "2", "--master-port", str(_free_port())),
+        "resumed": train("resumed", "--set", "train.accumulation_steps=2", "--set", "train.stop_after=12"),
+    }
+    started = {k: subprocess.Popen(c, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for k, c in procs.items()}
+    results = {k: p.communicate(timeout=600) for k, p in started.items()}
+    for k, p in started.items():
+        assert p.returncode == 0, f"{k}: {results[k][1][-3000:]}"
+    again = subprocess.run(procs["resumed"][:-2], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (root / "ref.stderr").write_text(results["ref"][1])
+    return {k: root / k for k in procs} | {"root": root}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    lines = path.read_text().splitlines()
+    return lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
+
+
+def test_tokens_per_source_follow_the_weights(runs):
+    header, rows = _rows(runs["ref"] / "train_log.tsv")
+    cols = [header.index(f"tokens/{n}") for n in WEIGHTS]
+    assert len(rows) == STEPS
+    for row in rows:  # every step: each source within ½ + K·w/2 samples of its share
+        step = int(row[0])
+        samples = [int(row[c]) // 32 for c in cols]
+        assert sum(samples) == step * 8
+        for n, got in zip(WEIGHTS, samples, strict=True):
+            assert abs(got - step * 8 * WEIGHTS[n]) <= 0.5 + 1.5 * WEIGHTS[n] + 1e-9, (step, n, got)
+    metrics = json.loads((runs["ref"] / "metrics.json").read_text())
+    assert metrics["tokens_by_source"] == {n: int(rows[-1][c]) for n, c in zip(WEIGHTS, cols, strict=True)}
+    assert set(metrics["val_loss_by_source"]) == set(WEIGHTS)
+    vheader, vrows = _rows(runs["ref"] / "val_log.tsv")
+    assert vheader == ["step", "val_loss"] + [f"val_loss/{n}" for n in WEIGHTS] and len(vrows) == 2
+    overall = sum(WEIGHTS[n] * float(vrows[-1][vheader.index(f"val_loss/{n}")]) for n in WEIGHTS)
+    assert abs(float(vrows[-1][1]) - overall) < 1e-9
+    summary = (runs["root"] / "ref.stderr").read_text()
+    assert "window_start document" in summary and "passes" in summary
+    for n, w in WEIGHTS.items():
+        assert re.search(rf"\n\s+{n}\s+[\d,]+\s+[\d,]+\s+{w:.3f}\s+[\d.e-]+\n", summary), summary
+
+
+def test_two_processes_and_resume_give_the_same_curve(runs):
+    def losses(name):
+        header, rows = _rows(runs[name] / "train_log.tsv")
+        return [float(r[header.index("loss")]) for r in rows]
+
+    ref = losses("ref")
+    assert max(abs(a - b) for a, b in zip(ref, losses("procs2"), strict=True)) <= 1e-5
+    header, ref_rows = _rows(runs["ref"] / "train_log.tsv")
+    keep = [i for i, c in enumerate(header) if c != "tokens_per_s"]
+    _, resumed_rows = _rows(runs["resumed"] / "train_log.tsv")
+    assert [[r[i] for i in keep] for r in resumed_rows] == [[r[i] for i in keep] for r in ref_rows]
