@@ -37,7 +37,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
 
-    from pipeline.checkpoint import find_resumable, load_checkpoint
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.resume import find_resumable
     from pipeline.corpus import write_sample
     from pipeline.tokenize import tokenize_files
     from pipeline.tokenizer_training import train_tokenizer

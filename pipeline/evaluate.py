@@ -48,7 +48,7 @@ def evaluate_model(model_path, store_path, seq_len: int, batches: int, batch_siz
                         f"seq_len + 1 = {seq_len + 1} (lower --seq-len)")
     score = score_tokens(loaded.model, val.tokens, seq_len, batches * batch_size, batch_size, device,
                          byte_lengths=token_byte_lengths(loaded.tokenizer, model_vocab),
-                         doc_offsets=val.doc_offsets if per_document else None)
+                         doc_offsets=val.doc_offsets if per_document else None, source=store_path)
     if not score.tokens:
         raise UserError(f"{store_path} val: no document has two tokens to score")
     result = {

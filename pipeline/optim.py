@@ -21,10 +21,15 @@ def make_optimizer(model: torch.nn.Module, tp: TrainParams, device: torch.device
 
 
 def lr_at(step: int, tp: TrainParams, total_steps: int) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr at the last step."""
+    """The learning rate of optimizer step `step` (0-based) of `total_steps`.
+
+    Linear warmup over warmup_steps reaches lr at step warmup_steps - 1, the only
+    step at lr (step 0 without warmup); cosine decay from there reaches min_lr exactly
+    at the last step, total_steps - 1. Steps past the end stay at min_lr."""
     if step < tp.warmup_steps:
         return tp.lr * (step + 1) / tp.warmup_steps
-    progress = (step - tp.warmup_steps) / max(total_steps - tp.warmup_steps, 1)
+    peak = max(tp.warmup_steps - 1, 0)
+    progress = (step - peak) / max(total_steps - 1 - peak, 1)
     return tp.min_lr + 0.5 * (tp.lr - tp.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 

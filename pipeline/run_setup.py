@@ -21,13 +21,14 @@ import torch
 
 from pipeline import distributed
 from pipeline.architecture import flops_per_token, load_model_json
-from pipeline.checkpoint import check_compatible, pick_checkpoint
+from pipeline.checkpoint import check_compatible
 from pipeline.errors import UserError
 from pipeline.hardware import peak_flops, peak_source, pick_device, resolve_dtype
 from pipeline.model import ModelConfig, Transformer
 from pipeline.optim import make_optimizer
 from pipeline.params import TrainParams
 from pipeline.progress import TRAIN_COLUMNS, VAL_COLUMNS, Display, MetricLog
+from pipeline.resume import pick_checkpoint
 from pipeline.tokenizer import TOKENIZER_FILES, load_tokenizer
 from pipeline.train_data import TrainData, open_train_data
 
@@ -48,6 +49,7 @@ class Run:
     # data
     model_config: ModelConfig = None
     data: TrainData = None  # the sources, the sampler, the validation windows
+    store_path: Path = None  # named when a batch holds a token id >= vocab_size
     total_steps: int = 0
     fingerprints: dict = field(default_factory=dict)  # what a resume must match: the checkpoint's "data"
     tokenizer_files: dict = field(default_factory=dict)  # {name: text}, embedded in every checkpoint
@@ -74,6 +76,7 @@ class Run:
     tokens_per_s: float = 0.0  # of the last step, rank 0
     mfu: float = 0.0  # of the last step, rank 0
     nan_steps: set[int] = field(default_factory=set)
+    nan_grad_steps: set[int] = field(default_factory=set)
 
     @property
     def global_batch(self) -> int:
@@ -105,6 +108,7 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
     # ------------------------------------------------------------------ data
     run.data = open_train_data(store_path, weights, tp, run.note)
     store = run.data.store
+    run.store_path = Path(store_path)
     run.tokenizer_files, tokenizer_sha = read_tokenizer_dir(tokenizer_dir)
     if store.tokenizer_fingerprint != tokenizer_sha:
         raise UserError(f"{tokenizer_dir}: tokenizer differs from the one {store_path} was tokenized with "
@@ -172,6 +176,7 @@ def open_outputs(run: Run, cleanup: ExitStack) -> None:
     run.peak_flops = peak_flops(run.device, run.amp_dtype) * run.world.size if main else 1.0
     run.display.peak_source = peak_source(run.device)  # the bar says what MFU is measured against
     run.nan_steps = injected_nan_steps()
+    run.nan_grad_steps = injected_nan_steps("MM_INJECT_NAN_GRAD_STEPS")
 
 
 def resolve_total_steps(tp: TrainParams, n_windows: int, global_batch: int) -> int:
@@ -198,9 +203,10 @@ def read_tokenizer_dir(path: Path) -> tuple[dict[str, str], str]:
     return files, info["fingerprint"]
 
 
-def injected_nan_steps() -> set[int]:
-    """Fault injection for the reliability tests: MM_INJECT_NAN_STEPS=5,9 poisons those steps' loss."""
-    text = os.environ.get("MM_INJECT_NAN_STEPS", "")
+def injected_nan_steps(variable: str = "MM_INJECT_NAN_STEPS") -> set[int]:
+    """Fault injection for the reliability tests: MM_INJECT_NAN_STEPS=5,9 poisons those steps' loss,
+    MM_INJECT_NAN_GRAD_STEPS=3 one gradient element of step 3 (the loss stays finite)."""
+    text = os.environ.get(variable, "")
     return {int(s) for s in text.split(",") if s.strip()}
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.sampler import eval_windows
+from pipeline.token_guard import check_token_ids
 
 IGNORE = -100
 """Target id that scores nothing (padding of per-document pieces); F.cross_entropy's default."""
@@ -128,18 +129,21 @@ def document_spans(doc_offsets: np.ndarray, seq_len: int) -> np.ndarray:
 @torch.no_grad()
 def score_tokens(model, tokens, seq_len: int, count: int = 0, batch_size: int = 8, device="cpu",
                  byte_lengths: np.ndarray | None = None, doc_offsets: np.ndarray | None = None,
-                 autocast=None) -> Score:
+                 autocast=None, source="the token store") -> Score:
     """Score a token view (anything 1-D that slices to numpy: a split, a source, a part).
 
     Stream windows by default; one piece per document (or document part) when `doc_offsets`
     is given. `count` pieces evenly spread (0 = all). `autocast`: a context the forward runs
-    in (training's precision); None = the model's own dtype. Leaves the model in eval mode."""
+    in (training's precision); None = the model's own dtype. `source` names the store when a
+    token id is not below the model's vocab_size (checked per batch, before any indexing).
+    Leaves the model in eval mode."""
     spans = stream_spans(len(tokens), seq_len) if doc_offsets is None else document_spans(np.asarray(doc_offsets), seq_len)
     picked = spans[eval_windows(len(spans), count or len(spans))]
     nats, n_tokens, n_bytes = 0.0, 0, 0
     model.eval()
     for first in range(0, len(picked), batch_size):
         x, y = _batch(tokens, picked[first : first + batch_size], seq_len)
+        check_token_ids(x, y, model.config.vocab_size, source, "an evaluation batch")
         valid = y != IGNORE
         if byte_lengths is not None:
             n_bytes += int(byte_lengths[y[valid].numpy()].sum())

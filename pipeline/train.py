@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from pipeline import distributed
-from pipeline.checkpoint import all_finite, checkpoint_state, save_checkpoint
+from pipeline.checkpoint import checkpoint_state, save_checkpoint
 from pipeline.errors import UserError
 from pipeline.optim import lr_at, set_lr
 from pipeline.params import Params, check_params
@@ -35,6 +35,7 @@ from pipeline.progress import write_metrics
 from pipeline.run_setup import Run, StopRequest, open_outputs, setup
 from pipeline.scoring import token_nll_sum
 from pipeline.train_data import evaluate_sources, source_weights
+from pipeline.token_guard import check_token_ids
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; rerun to resume
 
@@ -135,6 +136,8 @@ def train_step(run: Run, step: int) -> StepStats:
     grad_syncs, counter = 0, run.sync_counter
     batches = run.data.sampler.micro_batches(step, world.rank, world.size, tp.micro_batch_size, tp.accumulation_steps)
     for m, batch in enumerate(batches):
+        check_token_ids(batch.inputs, batch.targets, run.model_config.vocab_size, run.store_path,
+                        f"a batch of step {step + 1}")
         x, y, doc_ids = batch.inputs.to(run.device), batch.targets.to(run.device), batch.doc_ids.to(run.device)
         distributed.set_gradient_sync(run.model, m == tp.accumulation_steps - 1)
         with run.autocast:
@@ -146,6 +149,8 @@ def train_step(run: Run, step: int) -> StepStats:
         (run.scaler.scale(objective) if run.scaler else objective).backward()
         grad_syncs += bool(counter and counter.reductions > reductions)
         local_loss += micro_loss.detach()
+    if step + 1 in run.nan_grad_steps:
+        _poison_gradient(run.model)
     if step + 1 in run.nan_steps:
         local_loss *= float("nan")
 
@@ -204,14 +209,11 @@ def save(run: Run, step: int) -> None:
     failure = ""
     if run.world.is_main:
         try:
-            if not all_finite(model_state) or not all_finite(optimizer_state):
-                raise UserError(f"step {step}: the weights or optimizer state hold non-finite values; "
-                                "refusing to save a checkpoint")
             metrics = {"train_loss": run.loss, "val_loss": None if math.isnan(run.val_loss) else run.val_loss,
                        "tokens_seen": step * run.tokens_per_step, "skipped_steps": run.skipped}
             state = checkpoint_state(step, model_state, optimizer_state, run.scaler, run.model_config, run.tp,
                                      run.fingerprints, run.tokenizer_files, metrics)
-            save_checkpoint(state, run.out_dir, run.tp.keep_last)
+            save_checkpoint(state, run.out_dir, run.tp.keep_last, require_finite=True)  # checked while hashing
         except UserError as e:
             failure = str(e)
     failed = distributed.all_reduce_sum(torch.tensor([float(bool(failure))]), run.world)
@@ -227,7 +229,8 @@ def finish(run: Run, step: int, elapsed: float) -> dict:
         "val_perplexity": math.exp(run.val_loss) if math.isfinite(run.val_loss) else None,
         "steps": step, "tokens_seen": step * run.tokens_per_step, "skipped_steps": run.skipped,
         "tokens_per_s": round(steps_run * run.tokens_per_step / elapsed, 1) if steps_run else None,
-        "mfu": round(run.mfu, 4), "processes": run.world.size, "dtype": str(run.amp_dtype).removeprefix("torch."),
+        "mfu": round(run.mfu, 4), "mfu_vs": run.display.peak_source,
+        "processes": run.world.size, "dtype": str(run.amp_dtype).removeprefix("torch."),
         "tokens_by_source": run.data.tokens_seen(step, run.global_batch),
         "val_loss_by_source": run.val_losses,
     }
@@ -236,3 +239,10 @@ def finish(run: Run, step: int, elapsed: float) -> dict:
         write_loss_png(run.out_dir)  # the logs are flushed row by row; the cleanup closes them
     return metrics
 
+
+def _poison_gradient(model) -> None:
+    """MM_INJECT_NAN_GRAD_STEPS: NaN in one gradient element, on every rank, as a real NaN is after the
+    all-reduce. The loss stays finite: the grad norm alone must trigger the skip/abort policy."""
+    grad = next(p.grad for p in model.parameters() if p.grad is not None)
+    with torch.no_grad():
+        (grad.to_local() if hasattr(grad, "to_local") else grad).view(-1)[0] = float("nan")

@@ -108,7 +108,7 @@ def evaluate_sources(model, data: TrainData, tp: TrainParams, device, autocast) 
     for name in data.val:
         split = data.store.sources[name].val
         score = score_tokens(model, split.tokens, tp.seq_len, tp.eval_batches * tp.micro_batch_size,
-                             tp.micro_batch_size, device, autocast=autocast)
+                             tp.micro_batch_size, device, autocast=autocast, source=f"{data.store.path} ({name})")
         losses[name] = score.loss
     model.train()
     weights = {n: w for n, w in zip(data.names, data.weights, strict=True) if n in losses}

@@ -109,7 +109,8 @@ def verify_store(root: Path) -> list[Row]:
     bad_attrs = _attrs_mismatch(attrs, meta_path)
     if bad_attrs:
         return [bad_attrs]
-    rows = [Row(meta_path, "store layout and attributes", True, f"format {attrs['version']}, vocab {vocab}, {dtype.name}")]
+    layout = f"format {attrs['version']}, vocab {vocab}, {dtype.name}"
+    rows = [Row(meta_path, "store layout and attributes", True, layout)]
     sources = ts.list_sources(root)
     if not sources:
         return rows + [Row(root, "sources", False, "no source in the store")]

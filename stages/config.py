@@ -21,14 +21,22 @@ def config(
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.architecture import PRESETS, build_config, count_params, flops_per_token, memory_bytes, save_model_json
+    from pipeline.architecture import (
+        PRESETS,
+        build_config,
+        count_params,
+        flops_per_token,
+        memory_bytes,
+        save_model_json,
+    )
     from pipeline.errors import UserError
     from pipeline.tokenizer import load_tokenizer
 
     p = load(params, sets)
     name = preset or p.model.preset
     if name not in PRESETS:  # arguments before files: an unknown preset is named before a missing tokenizer
-        raise UserError(f"{'--preset' if preset else 'model.preset'}: unknown preset '{name}' (known: {', '.join(PRESETS)})")
+        where = "--preset" if preset else "model.preset"
+        raise UserError(f"{where}: unknown preset '{name}' (known: {', '.join(PRESETS)})")
     _, info = load_tokenizer(tokenizer)
     model_config = build_config(name, info["vocab_size"], p.model.overrides)
     save_model_json(model_config, out, name)

@@ -36,14 +36,14 @@ def train(
     params: ParamsOption = Path("params.yaml"),
     sets: SetOption = None,
 ) -> None:
-    from pipeline.errors import UserError
     from pipeline.runlock import run_lock
 
     p = load(params, sets)
     # One writer per out_dir, locked before torch is imported so a second run is refused at once.
     # Under torchrun started by hand rank 0 locks; on several nodes node 0's launcher does.
     worker = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    with run_lock(Path(p.train.out_dir), enabled=not dry_run and (os.environ["RANK"] == "0" if worker else node_rank == 0)):
+    locks = not dry_run and (os.environ["RANK"] == "0" if worker else node_rank == 0)
+    with run_lock(Path(p.train.out_dir), enabled=locks):
         _train(p, data, tokenizer, model, resume, allow_data_change, device, gpus, procs, nodes, node_rank, master_addr,
                master_port, rdzv_endpoint, dry_run, params, sets)
 
@@ -105,9 +105,8 @@ def _train_here(p, data, tokenizer, model, resume, allow_data_change, device) ->
 
 def _run_launcher(cmd: list[str]) -> int:
     """Run torchrun in its own process group; pass stop signals to every process in it."""
-    from pipeline.train import PREEMPTED_EXIT_CODE
-
     from pipeline.runlock import held_fds
+    from pipeline.train import PREEMPTED_EXIT_CODE
 
     # torchrun inherits the out_dir lock: it stays held while torchrun lives, even if this process is killed.
     child = subprocess.Popen(cmd, start_new_session=True, pass_fds=held_fds())

@@ -1,46 +1,30 @@
 """Mistakes a new user makes, tried as they would: each is one line naming what is wrong, never a traceback.
 
-Plus the small pieces of arithmetic whose off-by-ones such messages would not
-show: the GPU peak table's name matching and the progress line before the
-first evaluation.
+Plus the small pieces of arithmetic whose off-by-ones no message would show:
+the learning-rate schedule's ends, the GPU peak table's name matching and the
+progress line before the first evaluation.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_user_error, mm
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def mm(*args, cwd=REPO) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MM_INJECT_")} | {"PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
-
-
-def one_error(r: subprocess.CompletedProcess, *needles: str) -> str:
-    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
 def test_unknown_preset_is_named_before_the_missing_tokenizer(tmp_path):
-    one_error(mm("config", "--preset", "nosuch", "--tokenizer", tmp_path / "none", cwd=tmp_path),
-              "--preset: unknown preset 'nosuch'", "minimind2")
+    assert_user_error(mm("config", "--preset", "nosuch", "--tokenizer", tmp_path / "none", cwd=tmp_path),
+                      "--preset: unknown preset 'nosuch'", "minimind2")
 
 
 def test_export_of_a_non_checkpoint_says_so_in_one_clause(tmp_path):
-    line = one_error(mm("export", REPO / "params.yaml", "--out", tmp_path / "export"),
-                     f"{REPO / 'params.yaml'}: not an mm checkpoint (not a zip archive")
+    params = REPO / "params.yaml"
+    line = assert_user_error(mm("export", params, "--out", tmp_path / "export"),
+                             f"{params}: not an mm checkpoint (not a zip archive")
     assert "weights_only" not in line and len(line) < 200
 
 
@@ -55,13 +39,14 @@ def test_tokenize_takes_a_tokenizer_json_file_and_names_a_bad_one(tiny_store, tm
 
     bad = tmp_path / "some.json"
     bad.write_text(json.dumps({"not": "a tokenizer"}))
-    one_error(mm("tokenize", corpus, "--tokenizer", bad, "--out", tmp_path / "u.zarr"), f"{bad}: not a readable tokenizer")
+    assert_user_error(mm("tokenize", corpus, "--tokenizer", bad, "--out", tmp_path / "u.zarr"),
+                      f"{bad}: not a readable tokenizer")
 
 
 def test_gpus_0_is_the_cpu_spelling(tmp_path):
     r = mm("train", "--gpus", "0", "--dry-run")
     assert r.returncode == 0 and "(none: one process)" in r.stdout, r.stderr
-    one_error(mm("train", "--gpus", "0", "--device", "cuda", "--dry-run"), "--gpus 0 trains on the CPU")
+    assert_user_error(mm("train", "--gpus", "0", "--device", "cuda", "--dry-run"), "--gpus 0 trains on the CPU")
 
 
 def test_gpu_peak_table_matches_whole_names():
@@ -83,3 +68,16 @@ def test_progress_line_shows_no_val_until_measured_and_names_the_peak(capsys):
     assert "val" not in first and "nan" not in first
     assert "val 4.5000" in second
     assert "MFU 50.0% vs measured matmul peak" in first
+
+
+@pytest.mark.parametrize("warmup, total", [(2, 12), (0, 5), (5, 10), (3, 4)])
+def test_lr_peaks_on_one_step_and_ends_at_min_lr(warmup, total):
+    from pipeline.optim import lr_at
+    from pipeline.params import TrainParams
+
+    tp = TrainParams(lr=1e-3, min_lr=1e-4, warmup_steps=warmup)
+    lrs = [lr_at(step, tp, total) for step in range(total)]
+    assert lrs.count(max(lrs)) == 1 and max(lrs) == tp.lr
+    assert lrs.index(tp.lr) == max(warmup - 1, 0)
+    assert lrs[-1] == tp.min_lr  # exactly, at the last step
+    assert all(a > b for a, b in zip(lrs[lrs.index(tp.lr):], lrs[lrs.index(tp.lr) + 1:]))  # decays all the way

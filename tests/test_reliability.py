@@ -198,7 +198,7 @@ def test_kill9_at_random_moments_then_resume_is_identical(setup, reference, tmp_
         assert last_step < STEPS
 
     # Now a kill inside save_checkpoint, between the complete tmp file and the rename.
-    from pipeline.checkpoint import find_resumable
+    from pipeline.resume import find_resumable
 
     resumable = find_resumable(out)["step"]
     fault_step = resumable + 2
@@ -273,7 +273,8 @@ def test_truncated_newest_checkpoint_is_skipped(setup, reference, tmp_path):
 
     r = ok(mm_train(setup, out))
     skipped = [line for line in r.stderr.splitlines() if line.startswith("skipping checkpoint")]
-    assert len(skipped) == 1 and "step_00000012.pth" in skipped[0] and "not a loadable" in skipped[0], r.stderr
+    assert len(skipped) == 1, r.stderr
+    assert "step_00000012.pth: not an mm checkpoint (not a complete zip archive" in skipped[0], r.stderr
     assert f"resuming from {out / 'step_00000010.pth'} at step 10" in r.stderr
     assert_matches_reference(out, reference)  # steps 11-12 rerun to the same numbers
     assert (out / "step_00000012.pth").stat().st_size == size  # rewritten whole
@@ -286,7 +287,7 @@ def test_truncated_newest_checkpoint_is_skipped(setup, reference, tmp_path):
     data = bytearray(bad.read_bytes())
     data[len(data) // 2] ^= 0xFF
     bad.write_bytes(bytes(data))
-    with pytest.raises(UserError, match=r"flipped\.pth: (checksum mismatch|not a loadable)"):
+    with pytest.raises(UserError, match=r"flipped\.pth: (checksum mismatch|not an mm checkpoint)"):
         load_checkpoint(bad)
 
 
@@ -346,7 +347,7 @@ def test_nan_loss_is_skipped_and_counted(setup, tmp_path):
     # Skipped means skipped: step 3 left weights and optimizer state as step 2 had them.
     for k in states[2]["model"]:
         assert torch.equal(states[2]["model"][k], states[3]["model"][k])
-    _assert_equal_nested(states[2]["optimizer"], states[3]["optimizer"])
+    _assert_equal_nested(states[2]["optimizer"]["state"], states[3]["optimizer"]["state"])  # (the lr moves on)
     assert not all(torch.equal(states[3]["model"][k], states[4]["model"][k]) for k in states[3]["model"])
 
 
@@ -381,7 +382,8 @@ def _hostile(path: Path, marker: Path) -> Path:
 
 
 def test_code_running_pickle_is_refused(setup, tmp_path):
-    from pipeline.checkpoint import find_resumable, load_checkpoint
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.resume import find_resumable
 
     # The payload is live: a plain (weights_only=False) load runs it.
     live_marker = tmp_path / "ran-live"
@@ -391,9 +393,11 @@ def test_code_running_pickle_is_refused(setup, tmp_path):
 
     marker = tmp_path / "ran"
     evil = _hostile(tmp_path / "evil.pth", marker)
-    user_error(mm_train(setup, tmp_path / "out", "--resume", str(evil)), f"{evil}: not a loadable mm checkpoint")
-    user_error(mm("export", evil, "--out", tmp_path / "export", cwd=setup.cwd), f"{evil}: not a loadable mm checkpoint")
-    with pytest.raises(UserError, match="not a loadable mm checkpoint"):
+    hostile = (f"{evil}: not an mm checkpoint (it holds objects other than tensors and plain values, "
+               "refused without running them)")
+    user_error(mm_train(setup, tmp_path / "out", "--resume", str(evil)), hostile)
+    user_error(mm("export", evil, "--out", tmp_path / "export", cwd=setup.cwd), hostile)
+    with pytest.raises(UserError, match="not an mm checkpoint"):
         load_checkpoint(evil)
     # As out/ckpt.pth, `--resume auto` skips it with a message.
     auto = tmp_path / "auto"
@@ -401,7 +405,7 @@ def test_code_running_pickle_is_refused(setup, tmp_path):
     _hostile(auto / "ckpt.pth", marker)
     warnings = []
     assert find_resumable(auto, warnings.append) is None
-    assert len(warnings) == 1 and "ckpt.pth: not a loadable mm checkpoint" in warnings[0]
+    assert len(warnings) == 1 and "ckpt.pth: not an mm checkpoint" in warnings[0]
     assert not marker.exists()
 
 
@@ -508,25 +512,30 @@ def _fake_state(step: int) -> dict:
 
 
 def test_retention_keeps_last_k_and_never_the_only_complete_one(tmp_path, monkeypatch):
-    from pipeline.checkpoint import find_resumable, save_checkpoint
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.resume import find_resumable
 
     out = tmp_path / "out"
     for step in range(1, 6):
         save_checkpoint(_fake_state(step), out, keep_last=2)
     assert step_files(out) == [4, 5] and os.path.samefile(out / "ckpt.pth", out / "step_00000005.pth")
 
-    # The newest (5) is truncated: resume reports it once (ckpt.pth is the same file) and takes 4.
+    # The newest (5) is truncated: resume reports it once (ckpt.pth is the same file), moves it to
+    # quarantine/, points ckpt.pth at 4 and takes 4.
     os.truncate(out / "ckpt.pth", 100)
     warnings = []
     assert find_resumable(out, warnings.append)["step"] == 4
-    assert len(warnings) == 1 and "step_00000005.pth" in warnings[0]
-    # keep_last=1: saving 5 again replaces the corrupt file and drops 4; a save of 3 (a run
-    # resumed from an older checkpoint) drops the abandoned 5 and keeps the file just written.
+    assert len(warnings) == 2 and warnings[0].startswith(f"skipping checkpoint: {out / 'step_00000005.pth'}")
+    assert warnings[1] == f"moved {out / 'step_00000005.pth'} to {out / 'quarantine/step_00000005.pth'}"
+    assert step_files(out) == [4] and os.path.samefile(out / "ckpt.pth", out / "step_00000004.pth")
+    # keep_last=1: saving 5 again drops 4; a save of 3 (a run resumed from an older checkpoint)
+    # drops the abandoned 5 and keeps the file just written. The quarantined 5 stays.
     save_checkpoint(_fake_state(5), out, keep_last=1)
     assert step_files(out) == [5]
     save_checkpoint(_fake_state(3), out, keep_last=1)
     assert step_files(out) == [3] and os.path.samefile(out / "ckpt.pth", out / "step_00000003.pth")
-    assert find_resumable(out, warnings.append)["step"] == 3 and len(warnings) == 1
+    assert find_resumable(out, warnings.append)["step"] == 3 and len(warnings) == 2
+    assert (out / "quarantine/step_00000005.pth").stat().st_size == 100
 
     # A failed save prunes nothing: the only complete checkpoint survives.
     monkeypatch.setenv("MM_INJECT_SAVE_FAULT", "4:enospc")
@@ -535,9 +544,159 @@ def test_retention_keeps_last_k_and_never_the_only_complete_one(tmp_path, monkey
     assert step_files(out) == [3] and tmp_files(out) == [] and find_resumable(out)["step"] == 3
 
     # Only damaged checkpoints: `--resume auto` refuses to start over quietly.
-    from pipeline.checkpoint import pick_checkpoint
+    from pipeline.resume import pick_checkpoint
 
     os.truncate(out / "ckpt.pth", 100)
     with pytest.raises(UserError, match="none of its checkpoints verifies"):
         pick_checkpoint("auto", out, warnings.append)
     assert pick_checkpoint("none", out, warnings.append) is None
+
+
+# ---------------------------------------------------------------------------
+# 8. An unreadable checkpoint stops the run; a corrupt one goes to quarantine/
+# ---------------------------------------------------------------------------
+
+
+def _as_mm_wrote_it(out: Path) -> None:
+    """copytree copied ckpt.pth as a file of its own: make it the hard link mm makes."""
+    (out / "ckpt.pth").unlink()
+    os.link(out / f"step_{max(step_files(out)):08d}.pth", out / "ckpt.pth")
+
+
+def test_unreadable_newer_checkpoint_stops_resume_and_deletes_nothing(setup, reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    _as_mm_wrote_it(out)
+    newest = out / "step_00000012.pth"
+    r = mm_train(setup, out, sets=["train.max_steps=14"], env=mm_env(MM_INJECT_LOAD_FAULT=f"{newest.name}:eio"))
+    user_error(r, f"{newest}: cannot read the checkpoint (Input/output error, errno 5 EIO)")
+    assert "resuming from" not in r.stderr
+    assert step_files(out) == [8, 10, 12] and not (out / "quarantine").exists()
+    assert os.path.samefile(out / "ckpt.pth", newest)  # nothing moved, nothing re-pointed
+    # The disk is back: the run continues from that newer checkpoint.
+    r = ok(mm_train(setup, out, sets=["train.max_steps=14"]))
+    assert f"resuming from {newest} at step 12" in r.stderr and "skipping" not in r.stderr
+    assert load(out / "ckpt.pth")["step"] == 14
+
+
+def test_corrupt_newer_checkpoint_is_quarantined_never_pruned(setup, reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    _as_mm_wrote_it(out)
+    newest = out / "step_00000012.pth"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the tensor data: the checksum (or the zip's CRC) fails
+    newest.write_bytes(bytes(data))
+    # keep_last=1 and three more saves (12, 14, 16): retention runs after each.
+    r = ok(mm_train(setup, out, sets=["train.max_steps=16", "train.keep_last=1"]))
+    assert f"skipping checkpoint: {newest}: " in r.stderr
+    quarantined = out / "quarantine" / newest.name
+    assert f"moved {newest} to {quarantined}" in r.stderr
+    assert f"resuming from {out / 'step_00000010.pth'} at step 10" in r.stderr
+    assert quarantined.read_bytes() == bytes(data)  # kept byte for byte
+    note = quarantined.with_name(newest.name + ".txt").read_text()
+    assert str(newest) in note and "never deletes" in note
+    assert step_files(out) == [16] and load(out / "ckpt.pth")["step"] == 16
+    assert sorted(p.name for p in (out / "quarantine").iterdir()) == [newest.name, newest.name + ".txt"]
+
+
+# ---------------------------------------------------------------------------
+# 9. A token id >= vocab_size is stopped before the embedding indexes it
+# ---------------------------------------------------------------------------
+
+
+def test_token_id_equal_to_vocab_stops_training_naming_the_store(setup, tmp_path):
+    import numpy as np
+
+    from pipeline.params import load_params
+    from pipeline.sampler import MixtureSampler, SourceSplit
+    from pipeline.token_store import open_store
+
+    store = tmp_path / "tokens.zarr"
+    shutil.copytree(setup.store, store)
+    seed = load_params(REPO / "params.yaml", []).train.seed
+    opened = open_store(store)
+    # The first sample of step 1, as the trainer's one-source sampler draws it.
+    sampler = MixtureSampler([SourceSplit("data", 1.0, opened.train.tokens, None)], 32, seed, opened.bos_id)
+    _, ids = sampler.window_ids(0, 1)
+    start = int(sampler.windows[0].starts(ids)[0])
+    tokens = np.memmap(opened.path / "train/tokens/c/0", dtype="<u2", mode="r+")  # the store, or its one part
+    tokens[start + 5] = opened.vocab_size
+    tokens.flush()
+    del tokens, opened
+    r = mm_train(setup, tmp_path / "out", data=store, sets=["train.max_steps=2"])
+    user_error(r, f"{store}: token id 1024 is not below vocab_size 1024 (a batch of step 1)", "`mm verify`")
+    assert not step_files(tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------
+# 10. A non-finite gradient with a finite loss is skipped too
+# ---------------------------------------------------------------------------
+
+
+def test_nan_gradient_with_finite_loss_is_skipped(setup, tmp_path):
+    out = tmp_path / "out"
+    sets = ["train.max_steps=4", "train.save_interval=4", "train.eval_interval=0"]
+    r = ok(mm_train(setup, out, sets=sets, env=mm_env(MM_INJECT_NAN_GRAD_STEPS="3")))
+    assert "step 3: non-finite" in r.stderr
+    rows = log_rows(out / "train_log.tsv")
+    assert rows[2]["loss"] != "nan" and float(rows[2]["loss"]) > 0  # the loss was finite
+    assert rows[2]["grad_norm"] == "nan"
+    assert [int(row["skipped"]) for row in rows] == [0, 0, 1, 1]
+    assert all_finite(load(out / "ckpt.pth")["model"])
+
+
+# ---------------------------------------------------------------------------
+# 11. SIGUSR1 (what SLURM sends with --signal) stops a run like SIGTERM
+# ---------------------------------------------------------------------------
+
+
+def test_sigusr1_stops_at_a_step_boundary_with_a_checkpoint(setup, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(train_cmd(setup, out, sets=["train.max_steps=200", "train.eval_interval=0"]),
+                            cwd=setup.cwd, env=mm_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if STEP_LINE.match(line) and int(STEP_LINE.match(line).group(1)) >= 2:
+            proc.send_signal(signal.SIGUSR1)
+            break
+    stderr = "".join(lines) + proc.communicate(timeout=120)[1]
+    assert proc.returncode == 75, (proc.returncode, stderr[-3000:])
+    step = int(re.search(r"stop requested: saved step (\d+)", stderr).group(1))
+    assert 2 <= step < 200 and load(out / "ckpt.pth")["step"] == step
+
+
+# ---------------------------------------------------------------------------
+# 12. One writer per run directory
+# ---------------------------------------------------------------------------
+
+
+def test_second_run_on_the_same_out_dir_is_refused_until_the_first_dies(setup, tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen(train_cmd(setup, out, sets=["train.max_steps=100000", "train.eval_interval=0",
+                                                         "train.save_interval=100000"]),
+                             cwd=setup.cwd, env=mm_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        for line in first.stderr:  # training has started: the lock is held since before torch was imported
+            if STEP_LINE.match(line):
+                break
+        assert (out / ".lock").read_text().strip() == str(first.pid)
+        # How long this machine takes to start `mm train` at all (the interpreter, typer parsing the train
+        # command's options): on a loaded machine that alone can exceed 2 s, and is not what is tested here.
+        t0 = time.perf_counter()
+        mm("train", "--help", cwd=setup.cwd)
+        startup = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        second = mm_train(setup, out, sets=["train.max_steps=2"])
+        elapsed = time.perf_counter() - t0
+        user_error(second, f"{out}: another mm train (PID {first.pid}) is writing this run directory")
+        assert elapsed < max(2.0, startup + 1.0), (elapsed, startup)
+        assert first.poll() is None  # the first one never noticed
+    finally:
+        first.kill()  # SIGKILL: no cleanup runs, the kernel drops the lock
+        first.communicate(timeout=60)
+    assert first.returncode == -signal.SIGKILL
+    third = ok(mm_train(setup, out, "--resume", "none", sets=["train.max_steps=2", "train.eval_interval=0"]))
+    assert "step 2/2" in third.stderr
+    assert (out / ".lock").read_text().strip() != str(first.pid)
