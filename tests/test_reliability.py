@@ -609,21 +609,20 @@ def test_token_id_equal_to_vocab_stops_training_naming_the_store(setup, tmp_path
     import numpy as np
 
     from pipeline.params import load_params
-    from pipeline.sampler import MixtureSampler, SourceSplit
-    from pipeline.token_store import open_store
+    from pipeline.train_data import open_train_data, source_weights
 
     store = tmp_path / "tokens.zarr"
     shutil.copytree(setup.store, store)
-    seed = load_params(REPO / "params.yaml", []).train.seed
-    opened = open_store(store)
-    # The first sample of step 1, as the trainer's one-source sampler draws it.
-    sampler = MixtureSampler([SourceSplit("data", 1.0, opened.train.tokens, None)], 32, seed, opened.bos_id)
-    _, ids = sampler.window_ids(0, 1)
-    start = int(sampler.windows[0].starts(ids)[0])
-    tokens = np.memmap(opened.path / "train/tokens/c/0", dtype="<u2", mode="r+")  # the store, or its one part
-    tokens[start + 5] = opened.vocab_size
+    params = load_params(REPO / "params.yaml", ["train.seq_len=32"])
+    # The first sample of step 1, as the trainer's sampler draws it (one source of one part here).
+    data = open_train_data(store, source_weights(params), params.train, lambda _: None)
+    sources, ids = data.sampler.window_ids(0, 1)
+    start = int(data.sampler.windows[int(sources[0])].starts(ids)[0])
+    (part,) = store.glob(f"{data.names[int(sources[0])]}/part-*")
+    tokens = np.memmap(part / "train/tokens/c/0", dtype="<u2", mode="r+")
+    tokens[start + 5] = data.store.vocab_size
     tokens.flush()
-    del tokens, opened
+    del tokens, data
     r = mm_train(setup, tmp_path / "out", data=store, sets=["train.max_steps=2"])
     user_error(r, f"{store}: token id 1024 is not below vocab_size 1024 (a batch of step 1)", "`mm verify`")
     assert not step_files(tmp_path / "out")
