@@ -13,7 +13,6 @@ import math
 from pipeline.errors import UserError
 from pipeline.scoring import score_tokens, token_byte_lengths
 
-
 # ---------------------------------------------------------------------------
 # `mm eval`
 # ---------------------------------------------------------------------------
@@ -38,10 +37,12 @@ def evaluate_model(model_path, store_path, seq_len: int, batches: int, batch_siz
     if seq_len > loaded.model.config.max_seq_len:
         raise UserError(f"eval: seq_len {seq_len} exceeds the model's context ({loaded.model.config.max_seq_len})")
     if store.vocab_size > model_vocab:
-        raise UserError(f"{store_path}: store vocabulary ({store.vocab_size}) is larger than the model's ({model_vocab}): different tokenizer")
+        raise UserError(f"{store_path}: store vocabulary ({store.vocab_size}) is larger than the model's "
+                        f"({model_vocab}): different tokenizer")
     trained_on = (loaded.meta.get("data") or {}).get("tokenizer_sha256")
     if trained_on and trained_on != store.tokenizer_fingerprint:
-        raise UserError(f"{store_path}: tokenized with a different tokenizer than {model_path} was trained on (tokenizer fingerprint differs)")
+        raise UserError(f"{store_path}: tokenized with a different tokenizer than {model_path} was trained on "
+                        "(tokenizer fingerprint differs)")
     val = store.val
     if len(val.tokens) < seq_len + 1 and not per_document:
         raise UserError(f"{store_path} val/tokens: {len(val.tokens)} tokens, fewer than one window of "

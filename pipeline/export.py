@@ -68,7 +68,8 @@ def export_hf(state: dict, out_dir: str | Path, dtype: str = "fp32", source: str
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        (tmp / "README.md").write_text(model_card(state, config, doc, dtype, tok), encoding="utf-8")
+        chat = "chat_template" in json.loads(files["tokenizer_config.json"])
+        (tmp / "README.md").write_text(model_card(state, config, doc, dtype, tok, chat_template=chat), encoding="utf-8")
         write_manifest(tmp)  # last: hashes of every file above, for `mm verify` and `sha256sum -c`
 
     _write_dir_atomically(out_dir, write)
@@ -109,7 +110,8 @@ def export_gguf(state: dict, path: str | Path, dtype: str = "fp32", source: str 
     _dtype(dtype)
     config = model_config(state, source)
     if config.n_experts:
-        raise UserError(f"{source}: GGUF export of MoE models is not supported yet; export --format hf and convert with llama.cpp's convert_hf_to_gguf.py")
+        raise UserError(f"{source}: GGUF export of MoE models is not supported yet; export --format hf and convert "
+                        "with llama.cpp's convert_hf_to_gguf.py")
     try:
         import gguf  # noqa: F401  (optional extra: checked here so the error is a one-liner)
     except ImportError:

@@ -23,7 +23,6 @@ import torch
 from pipeline.errors import UserError
 from pipeline.model_loading import LoadedModel
 
-
 # ---------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------
@@ -68,7 +67,8 @@ def generate(
     from pipeline.model import KVCache
 
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or repetition_penalty <= 0 or max_new_tokens < 0:
-        raise UserError("sampling: need temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0, max_new_tokens >= 0")
+        raise UserError("sampling: need temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0, "
+                        "max_new_tokens >= 0")
     model, tok = loaded.model, loaded.tokenizer
     config = model.config
     device = next(model.parameters()).device

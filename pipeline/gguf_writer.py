@@ -58,7 +58,8 @@ def gguf_pre_tokenizer(tok: dict, source: str) -> str:
             regex = (steps[0].get("pattern") or {}).get("Regex")
             if regex == _GPT2_REGEX:
                 return "gpt-2"
-    raise UserError(f"{source}: the tokenizer's pre-tokenizer {json.dumps(pre)[:120]} has no llama.cpp equivalent mm knows; GGUF export needs a GPT-2 style byte-level BPE")
+    raise UserError(f"{source}: the tokenizer's pre-tokenizer {json.dumps(pre)[:120]} has no llama.cpp equivalent "
+                    "mm knows; GGUF export needs a GPT-2 style byte-level BPE")
 
 
 def write_gguf(path: Path, weights: dict, config: ModelConfig, tok: dict, ids: dict, dtype: str, source: str) -> Path:

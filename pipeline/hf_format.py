@@ -114,9 +114,11 @@ def check_keys(found, expected, source: str) -> None:
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} weight(s) ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+            more = ", ..." if len(missing) > 3 else ""
+            parts.append(f"missing {len(missing)} weight(s) ({', '.join(missing[:3])}{more})")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} weight(s) ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
+            more = ", ..." if len(unexpected) > 3 else ""
+            parts.append(f"unexpected {len(unexpected)} weight(s) ({', '.join(unexpected[:3])}{more})")
         raise UserError(f"{source}: weights do not match the model config: {'; '.join(parts)}")
 
 
@@ -184,7 +186,8 @@ def hf_config(config: ModelConfig, torch_dtype: torch.dtype, bos_id: int, eos_id
         doc.update(num_local_experts=config.n_experts, num_experts_per_tok=config.top_k,
                    router_aux_loss_coef=config.aux_loss_coef, router_jitter_noise=0.0, output_router_logits=False)
     if model_type == "qwen3_moe":
-        doc.update(num_experts=config.n_experts, num_experts_per_tok=config.top_k, moe_intermediate_size=config.hidden_dim,
+        doc.update(num_experts=config.n_experts, num_experts_per_tok=config.top_k,
+                   moe_intermediate_size=config.hidden_dim,
                    norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                    router_aux_loss_coef=config.aux_loss_coef, output_router_logits=False)
     # Fields transformers has no slot for (kept so a round trip through the export is exact).
@@ -198,7 +201,8 @@ def config_from_hf(doc: dict, source: str) -> ModelConfig:
 
     model_type = doc.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise UserError(f"{source}: model_type {model_type!r} is not one mm exports (known: {', '.join(ARCHITECTURES)})")
+        raise UserError(f"{source}: model_type {model_type!r} is not one mm exports "
+                        f"(known: {', '.join(ARCHITECTURES)})")
     if doc.get("tie_word_embeddings") is not True:
         raise UserError(f"{source}: only tied embeddings are supported (tie_word_embeddings is not true)")
     if doc.get("hidden_act", "silu") != "silu" or doc.get("attention_bias") or doc.get("mlp_bias"):
@@ -227,7 +231,8 @@ def config_from_hf(doc: dict, source: str) -> ModelConfig:
     if model_type == "qwen3_moe":
         values.update(n_experts=doc.get("num_experts", 0), top_k=doc.get("num_experts_per_tok", 2))
         if not doc.get("norm_topk_prob") or doc.get("mlp_only_layers") or doc.get("decoder_sparse_step", 1) != 1:
-            raise UserError(f"{source}: Qwen3-MoE variant (norm_topk_prob / mlp_only_layers / decoder_sparse_step) differs from mm's MoE")
+            raise UserError(f"{source}: Qwen3-MoE variant (norm_topk_prob / mlp_only_layers / decoder_sparse_step) "
+                            "differs from mm's MoE")
     extra = doc.get("mm") or {}
     for key in ("init_std", "aux_loss_coef"):
         if key in extra:
@@ -247,7 +252,7 @@ def tokenizer_files(state: dict, source: str) -> tuple[dict[str, str], dict]:
     from pipeline.tokenizer import tokenizer_from_files
 
     files = dict(state.get("tokenizer") or {})
-    _, info = tokenizer_from_files(files, f"{source} tokenizer")
+    tokenizer, info = tokenizer_from_files(files, f"{source} tokenizer")
     try:
         tok_config = json.loads(files.get("tokenizer_config.json") or "{}")
     except json.JSONDecodeError as e:
@@ -259,7 +264,38 @@ def tokenizer_files(state: dict, source: str) -> tuple[dict[str, str], dict]:
         model_max_length=int(state["model_config"].get("max_seq_len", 32768)),
         clean_up_tokenization_spaces=False,
     )
+    if _has_chatml_tokens(tokenizer):
+        tok_config["chat_template"] = CHATML_TEMPLATE
     files["tokenizer_config.json"] = json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n"
     files["special_tokens_map.json"] = json.dumps(special, indent=2, ensure_ascii=False) + "\n"
     return files, info
 
+
+
+# ChatML, the format MiniMind's supervised fine-tuning uses (and Qwen's): each message is
+# <|im_start|>ROLE\nCONTENT<|im_end|>\n; without a system message first, the default one
+# MiniMind inserts; add_generation_prompt opens the assistant's turn. For system / user /
+# assistant messages the text (and so the ids) equals MiniMind's template's output. Unlike
+# MiniMind's, the assistant turn after a final user message is opened only when asked
+# (transformers' add_generation_prompt convention).
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"
+CHATML_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if not (loop.first and message['role'] == 'system') -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def _has_chatml_tokens(tokenizer) -> bool:
+    """Whether <|im_start|> and <|im_end|> are single special tokens of this tokenizer (mm's own
+    tokenizer has them at ids 1 and 2; a GPT-2 style one does not, and gets no chat template)."""
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    return {"<|im_start|>", "<|im_end|>"} <= special

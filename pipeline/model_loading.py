@@ -88,5 +88,6 @@ def _load_export_dir(path: Path):
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise UserError(f"{weights_path}: weights do not fit config.json ({str(e).splitlines()[-1].strip()[:200]})") from None
+        last = str(e).splitlines()[-1].strip()[:200]
+        raise UserError(f"{weights_path}: weights do not fit config.json ({last})") from None
     return model

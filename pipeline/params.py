@@ -182,6 +182,26 @@ class EvalParams:
 
 
 @dataclass
+class BenchParams:
+    tasks: str = "examples/bench/docstring_mc.yaml"
+    """`mm eval --tasks` for the `bench` DVC stage: lm-eval task names or task YAML files, comma-separated."""
+    num_fewshot: int = 0
+    """Examples in each prompt (0 = zero-shot)."""
+    limit: int = 0
+    """Documents scored per task (0 = all)."""
+    batch_size: int = 8
+    """Requests per forward pass."""
+
+    def check(self) -> None:
+        if not self.tasks.strip():
+            raise ParamError("bench.tasks", "must name at least one task")
+        if self.num_fewshot < 0 or self.limit < 0:
+            raise ParamError("bench.num_fewshot" if self.num_fewshot < 0 else "bench.limit", "must not be negative")
+        if self.batch_size < 1:
+            raise ParamError("bench.batch_size", f"must be at least 1, got {self.batch_size}")
+
+
+@dataclass
 class Params:
     data: DataParams = field(default_factory=DataParams)
     tokenizer: TokenizerParams = field(default_factory=TokenizerParams)
@@ -189,6 +209,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     export: ExportParams = field(default_factory=ExportParams)
     eval: EvalParams = field(default_factory=EvalParams)
+    bench: BenchParams = field(default_factory=BenchParams)
 
 
 def check_params(params: Params) -> None:

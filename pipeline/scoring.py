@@ -59,7 +59,7 @@ def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: the character byte-level BPE uses for each byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, n = {}, 0
     for b in range(256):
         if b in printable:
@@ -120,7 +120,7 @@ def document_spans(doc_offsets: np.ndarray, seq_len: int) -> np.ndarray:
     """(start, end) of the per-document pieces: each document cut into pieces of at most
     seq_len + 1 tokens that share one boundary token, so each target is scored once."""
     spans = []
-    for start, end in zip(doc_offsets[:-1].tolist(), doc_offsets[1:].tolist()):
+    for start, end in zip(doc_offsets[:-1].tolist(), doc_offsets[1:].tolist(), strict=True):
         for s in range(start, end - 1, seq_len):
             spans.append((s, min(s + seq_len + 1, end)))
     return np.asarray(spans, dtype=np.int64).reshape(-1, 2)
@@ -129,15 +129,20 @@ def document_spans(doc_offsets: np.ndarray, seq_len: int) -> np.ndarray:
 @torch.no_grad()
 def score_tokens(model, tokens, seq_len: int, count: int = 0, batch_size: int = 8, device="cpu",
                  byte_lengths: np.ndarray | None = None, doc_offsets: np.ndarray | None = None,
-                 autocast=None, source="the token store") -> Score:
+                 autocast=None, source="the token store", bos_id: int | None = None) -> Score:
     """Score a token view (anything 1-D that slices to numpy: a split, a source, a part).
 
     Stream windows by default; one piece per document (or document part) when `doc_offsets`
     is given. `count` pieces evenly spread (0 = all). `autocast`: a context the forward runs
     in (training's precision); None = the model's own dtype. `source` names the store when a
     token id is not below the model's vocab_size (checked per batch, before any indexing).
-    Leaves the model in eval mode."""
-    spans = stream_spans(len(tokens), seq_len) if doc_offsets is None else document_spans(np.asarray(doc_offsets), seq_len)
+    `bos_id`: pass the model each token's document number (BOS count), which it uses when trained
+    with document attention or positions, so validation sees what training saw. Leaves the model
+    in eval mode."""
+    if doc_offsets is None:
+        spans = stream_spans(len(tokens), seq_len)
+    else:
+        spans = document_spans(np.asarray(doc_offsets), seq_len)
     picked = spans[eval_windows(len(spans), count or len(spans))]
     nats, n_tokens, n_bytes = 0.0, 0, 0
     model.eval()
@@ -147,8 +152,10 @@ def score_tokens(model, tokens, seq_len: int, count: int = 0, batch_size: int = 
         valid = y != IGNORE
         if byte_lengths is not None:
             n_bytes += int(byte_lengths[y[valid].numpy()].sum())
+        x = x.to(device)
+        doc_ids = (x == bos_id).cumsum(dim=1) if bos_id is not None else None
         with autocast or nullcontext():
-            logits, _ = model(x.to(device))
+            logits, _ = model(x, doc_ids=doc_ids) if doc_ids is not None else model(x)
         nats += float(token_nll_sum(logits, y.to(device)))
         n_tokens += int(valid.sum())
     return Score(nats=nats, tokens=n_tokens, bytes=n_bytes, windows=len(picked))

@@ -35,7 +35,7 @@ def _register() -> None:
 
     app.command("export", help="Export a checkpoint: Hugging Face directory (--format hf) or GGUF (--format gguf).")(export.export)
     app.command("generate", help="Stream a continuation of a prompt (checkpoint or export dir).")(generate.generate)
-    app.command("eval", help="Validation loss, perplexity and bits per byte on the val split.")(evaluate.evaluate)
+    app.command("eval", help="Val loss, perplexity, bits per byte; or benchmark tasks with --tasks.")(evaluate.evaluate)
     from stages import config, train
 
     app.command("config", help="Write the model architecture (model.json); print params and FLOPs.")(config.config)

@@ -1,4 +1,5 @@
-"""`mm eval`: validation loss, perplexity and bits per byte of a model on the val split."""
+"""`mm eval`: validation loss, perplexity and bits per byte on the val split; or, with --tasks,
+benchmark tasks through lm-evaluation-harness on an exported model."""
 
 from __future__ import annotations
 
@@ -12,22 +13,43 @@ from stages.common import ParamsOption, SetOption, load
 
 def evaluate(
     model: Annotated[Path, typer.Argument(help="An `mm export` directory or a ckpt.pth.")] = Path("export"),
-    data: Annotated[Path, typer.Option("--data", help="Token store whose val/ split is scored.")] = Path("data/tokens.zarr"),
-    out: Annotated[Path, typer.Option("--out", help="Metrics JSON to write (for dvc metrics).")] = Path("out/eval.json"),
-    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Window length (default: params train.seq_len).")] = None,
-    per_document: Annotated[bool, typer.Option("--per-document", help="Score each val document on its own (positions from 0, no earlier context).")] = False,
+    data: Annotated[Path, typer.Option("--data", help="Token store whose val/ split is scored.")] = Path(
+        "data/tokens.zarr"),
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Metrics JSON for dvc metrics (default out/eval.json; with --tasks out/bench.json).")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(
+        "--seq-len", help="Window length (default: params train.seq_len).")] = None,
+    per_document: Annotated[bool, typer.Option(
+        "--per-document", help="Score each val document on its own (positions from 0, no earlier context).")] = False,
+    tasks: Annotated[Optional[str], typer.Option(
+        "--tasks", help="Benchmark tasks instead of the val split: lm-eval task names or task YAML files, "
+                        "comma-separated (needs mm[bench]).")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(
+        "--num-fewshot", help="Examples in each prompt (default: params bench.num_fewshot, 0).")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        "--limit", help="Score the first N documents of each task (default: params bench.limit; 0 = all).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", help="Requests per forward pass (default: params bench.batch_size).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(
+        "--data-dir", help="Hugging Face home holding the tasks' cached data (hub/, datasets/).")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, or auto.")] = "auto",
     params: ParamsOption = Path("params.yaml"),
     sets: SetOption = None,
 ) -> None:
-    """Score the val split: loss (nats/token), perplexity, bits per byte; JSON + a table."""
+    """Score the val split (loss in nats/token, perplexity, bits per byte), or run benchmark tasks (--tasks)."""
+    p = load(params, sets)
+    if tasks is not None:
+        _benchmarks(model, tasks.split(","), out or Path("out/bench.json"), p, num_fewshot, limit, batch_size,
+                    data_dir, device)
+        return
+
     from rich.console import Console
     from rich.table import Table
 
     from pipeline.evaluate import evaluate_model
     from pipeline.progress import write_metrics
 
-    p = load(params, sets)
+    out = out or Path("out/eval.json")
     result = evaluate_model(model, data, seq_len or p.train.seq_len, p.eval.batches, p.eval.batch_size, device,
                             per_document=per_document)
     write_metrics(out, result)
@@ -37,10 +59,36 @@ def evaluate(
     table.add_row("perplexity", f"{result['perplexity']:.2f}")
     table.add_row("bits per byte", f"{result['bits_per_byte']:.4f}")
     pieces = "document pieces of at most" if per_document else "windows of"
-    table.add_row("scored", f"{result['tokens']:,} tokens, {result['bytes']:,} bytes, {result['windows']} {pieces} {result['seq_len']}")
+    table.add_row("scored", f"{result['tokens']:,} tokens, {result['bytes']:,} bytes, "
+                            f"{result['windows']} {pieces} {result['seq_len']}")
     if "train_val_loss" in result:
         # Same scorer and window rule; training scored train.eval_batches windows in its own precision.
         table.add_row("val loss at training", f"{result['train_val_loss']:.4f}")
         table.caption = "training scored its own number of windows (train.eval_batches) in its training dtype"
     Console().print(table)
     Console().print(f"wrote {out}")
+
+
+def _benchmarks(model: Path, tasks: list[str], out: Path, p, num_fewshot, limit, batch_size, data_dir, device) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.bench import metric_rows, run_benchmarks
+    from pipeline.progress import write_metrics
+
+    harness_dir = out.with_suffix("")  # out/bench.json → the harness's own files in out/bench/
+    result = run_benchmarks(model, tasks, harness_dir,
+                            num_fewshot=p.bench.num_fewshot if num_fewshot is None else num_fewshot,
+                            limit=p.bench.limit if limit is None else limit,
+                            batch_size=batch_size or p.bench.batch_size, device=device, data_dir=data_dir)
+    write_metrics(out, {**result["results"], "config": result["config"]})
+
+    config = result["config"]
+    shots = f"{config['num_fewshot']}-shot" + (f", first {config['limit']} per task" if config["limit"] else "")
+    table = Table(title=f"{model}: lm-eval {config['lm_eval']}, {shots}")
+    for column in ("task", "metric", "value", "stderr"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for task, metric, value, stderr in metric_rows(result["results"]):
+        table.add_row(task, metric, f"{value:.4f}", "n/a" if stderr is None else f"{stderr:.4f}")
+    Console().print(table)
+    Console().print(f"wrote {out} and the harness's files under {harness_dir}/")

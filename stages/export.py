@@ -21,8 +21,8 @@ def export(
     """Export a checkpoint for transformers (safetensors + config + tokenizer) or llama.cpp (GGUF)."""
     from rich.console import Console
 
-    from pipeline.errors import UserError
     from pipeline.checkpoint import load_checkpoint, model_config
+    from pipeline.errors import UserError
     from pipeline.export import export_gguf, export_hf
     from pipeline.hf_format import ARCHITECTURES, hf_model_type
 

@@ -82,7 +82,8 @@ def test_per_document_scores_each_document_alone_from_position_zero(model_and_va
     assert score.tokens == int((few[1:] - few[:-1] - 1).sum())
     assert score.nats == pytest.approx(by_hand, rel=1e-5)
     # Padding inside a batch changes nothing: one piece per batch gives the same sum.
-    assert score_tokens(model, tokens, seq_len, batch_size=1, doc_offsets=few).nats == pytest.approx(score.nats, rel=1e-5)
+    one_by_one = score_tokens(model, tokens, seq_len, batch_size=1, doc_offsets=few)
+    assert one_by_one.nats == pytest.approx(score.nats, rel=1e-5)
     # The stream view of the same tokens sees across documents: a different number.
     stream = score_tokens(model, tokens, seq_len, batch_size=3)
     assert not math.isclose(stream.nats / stream.tokens, score.loss, rel_tol=1e-6)
@@ -91,7 +92,8 @@ def test_per_document_scores_each_document_alone_from_position_zero(model_and_va
 def test_mm_eval_per_document(tiny_store, tmp_path):
     import json
 
-    from test_export import make_state, mm
+    from conftest import mm
+    from test_export import make_state
 
     from pipeline.checkpoint import save_checkpoint
 
