@@ -180,11 +180,13 @@ def _user_error(e: Exception, tasks: list[str], offline: bool) -> UserError:
                      "HFValidationError", "FileNotFoundError", "ConnectTimeout", "ReadTimeout")
     kinds = {type(x).__name__ for x in _chain(e)}
     if kinds & set(network_kinds) or "offline" in text.lower() or "couldn't reach" in text.lower():
-        how = ("fetch it once with network access: HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 "
-               f"mm eval EXPORT --tasks {names} "
-               "--limit 1 (it lands in the Hugging Face cache; or give --data-dir with a cache made elsewhere)")
-        where = "not in the local cache" if offline else "could not be fetched"
-        return UserError(f"--tasks {names}: task data {where} ({type(e).__name__}); {how}")
+        if offline:
+            return UserError(f"--tasks {names}: task data not in the local cache ({type(e).__name__}); fetch it once "
+                             f"with network access: HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 mm eval EXPORT --tasks "
+                             f"{names} --limit 1 (it lands in the Hugging Face cache), or give --data-dir with a "
+                             "cache made elsewhere")
+        return UserError(f"--tasks {names}: task data could not be fetched ({type(e).__name__}: {text[:120]}); "
+                         "check access to the Hugging Face hub, or run offline with --data-dir")
     return UserError(f"--tasks {names}: lm-eval failed: {type(e).__name__}: {text}")
 
 
