@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -33,10 +34,21 @@ def _make_items():
 
 
 @pytest.fixture(scope="module")
-def bench(tiny_store, tmp_path_factory) -> dict:
+def fresh(tiny_store, tmp_path_factory) -> dict:
+    """A freshly initialised tiny model, saved as a checkpoint the way training saves one, and its export."""
+    from pipeline.checkpoint import load_checkpoint, save_checkpoint
+    from pipeline.export import export_hf
+
+    root = tmp_path_factory.mktemp("fresh")
+    save_checkpoint(make_state(tiny_store.tokenizer, "tiny", SMALL), root, keep_last=1)
+    return {"ckpt": root / "ckpt.pth", "export": export_hf(load_checkpoint(root / "ckpt.pth"), root / "export")}
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_store, fresh, tmp_path_factory) -> dict:
     """Exports of a trained and of a freshly initialised tiny model, and a local task YAML."""
     from pipeline.architecture import build_config, save_model_json
-    from pipeline.checkpoint import load_checkpoint, save_checkpoint
+    from pipeline.checkpoint import load_checkpoint
     from pipeline.export import export_hf
     from pipeline.params import Params
     from pipeline.tokenizer import load_tokenizer
@@ -57,11 +69,8 @@ def bench(tiny_store, tmp_path_factory) -> dict:
     tp.eval_interval, tp.save_interval, tp.log_interval, tp.dtype = 0, 1000, 1000, "fp32"
     tp.out_dir = str(root / "trained")
     train(params, tiny_store.store, tiny_store.tokenizer, root / "model.json", resume="none", device="cpu")
-    # The same architecture freshly initialised, saved as a checkpoint the way training saves one.
-    save_checkpoint(make_state(tiny_store.tokenizer, "tiny", SMALL), root / "fresh", keep_last=1)
-    exports = {name: export_hf(load_checkpoint(root / name / "ckpt.pth"), root / f"export-{name}")
-               for name in ("trained", "fresh")}
-    return {"root": root, "task": task, **exports}
+    trained = export_hf(load_checkpoint(root / "trained" / "ckpt.pth"), root / "export-trained")
+    return {"root": root, "task": task, "trained": trained, "fresh": fresh["export"]}
 
 
 def _bench(export: Path, task: Path, out: Path, *extra) -> dict:
@@ -74,8 +83,8 @@ def _bench(export: Path, task: Path, out: Path, *extra) -> dict:
 
 def test_local_task_trained_above_chance_fresh_near_it_same_as_the_harness(bench):
     root, task = bench["root"], bench["task"]
-    trained = _bench(bench["trained"], task, root / "trained.json")
-    fresh = _bench(bench["fresh"], task, root / "fresh.json")
+    trained = _bench(bench["trained"], task, root / "bench-trained.json")
+    fresh = _bench(bench["fresh"], task, root / "bench-fresh.json")
     acc_trained, acc_fresh = trained["docstring_mc"]["acc"], fresh["docstring_mc"]["acc"]
     # 40 items, 4 choices: chance is 0.25 (binomial sd 0.07).
     assert acc_trained >= 0.6, (acc_trained, acc_fresh)
@@ -83,7 +92,7 @@ def test_local_task_trained_above_chance_fresh_near_it_same_as_the_harness(bench
     assert trained["docstring_mc"]["acc_stderr"] > 0
     assert trained["config"]["offline"] is True and trained["config"]["num_fewshot"] == 0
     # The harness's own files: aggregated results and per-sample logs.
-    written = [p.name for p in (root / "trained").rglob("*.json*")]
+    written = [p.name for p in (root / "bench-trained").rglob("*.json*")]
     assert any(n.startswith("results_") for n in written) and any(n.startswith("samples_docstring_mc") for n in written)
 
     # The same numbers from lm_eval.simple_evaluate called directly, with the arguments mm documents.
@@ -103,30 +112,36 @@ def test_local_task_trained_above_chance_fresh_near_it_same_as_the_harness(bench
     assert direct["acc_stderr,none"] == trained["docstring_mc"]["acc_stderr"]
 
 
-def test_missing_task_data_offline_is_one_line_and_fast(bench, tmp_path):
+def test_missing_task_data_offline_is_one_line_and_no_network(fresh, tmp_path):
     empty_home = tmp_path / "hf-home"
     empty_home.mkdir()
-    start = time.perf_counter()
+    # A hub endpoint that would hold any connection open: a request would show up here (and wait).
+    hub = socket.socket()
+    hub.bind(("127.0.0.1", 0))
+    hub.listen(8)
+    hub.setblocking(False)
     # No HF_*_OFFLINE in the environment: mm goes offline by itself.
     env = {k: v for k, v in mm_env(HF_HOME=str(empty_home)).items() if k not in OFFLINE}
-    r = mm("eval", bench["fresh"], "--tasks", "arc_easy", "--out", tmp_path / "b.json", env=env)
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{hub.getsockname()[1]}"
+    start = time.perf_counter()
+    r = mm("eval", fresh["export"], "--tasks", "arc_easy", "--out", tmp_path / "b.json", env=env)
     seconds = time.perf_counter() - start
-    line = assert_user_error(r, "arc_easy", "not in the local cache", "HF_DATASETS_OFFLINE=0")
-    # Offline, no connection is tried: the time is process start, imports and the harness's task
-    # index (about 15 s of CPU on a loaded 2-core Xeon), never a network timeout.
-    assert seconds < 120, seconds
+    assert_user_error(r, "arc_easy", "not in the local cache", "HF_DATASETS_OFFLINE=0")
+    with pytest.raises(BlockingIOError):
+        hub.accept()  # nothing ever connected: no network was tried, so none was waited for
+    hub.close()
+    assert seconds < 300, seconds  # process start, imports and the harness's task index only
     assert not (tmp_path / "b.json").exists()
     # A checkpoint instead of an export: refused before the harness is loaded.
-    assert_user_error(mm("eval", bench["root"] / "fresh" / "ckpt.pth", "--tasks", "arc_easy"), "mm export")
-    assert line
+    assert_user_error(mm("eval", fresh["ckpt"], "--tasks", "arc_easy"), "mm export")
 
 
-def test_export_chat_template_is_chatml_as_minimind_writes_it(bench):
+def test_export_chat_template_is_chatml_as_minimind_writes_it(fresh):
     """MiniMind's ChatML (its tokenizer_config.json): <|im_start|>ROLE\\nTEXT<|im_end|>\\n per message,
     a default system message when none is given; written out here by hand from that format."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(bench["trained"])
+    tok = AutoTokenizer.from_pretrained(fresh["export"])
     assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
     start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert (start, end) == (1, 2)
@@ -145,5 +160,5 @@ def test_export_chat_template_is_chatml_as_minimind_writes_it(bench):
     prompt = tok.apply_chat_template(messages[1:2], tokenize=False, add_generation_prompt=True)
     assert prompt == ("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
                       "<|im_start|>user\nWhat is 2+2? 你好<|im_end|>\n<|im_start|>assistant\n")
-    card = (bench["trained"] / "README.md").read_text()
+    card = (fresh["export"] / "README.md").read_text()
     assert "pretrained only" in card and "bits per byte" in card
