@@ -86,12 +86,12 @@ def run_benchmarks(export_dir: str | Path, tasks: list[str], output_dir: str | P
         if spec.endswith((".yaml", ".yml")) and not Path(spec).is_file():
             raise UserError(f"--tasks {spec}: task YAML file not found")
 
-    _check_task_data(tasks, offline)
+    task_manager = _check_task_data(tasks, offline)
     args = harness_arguments(export_dir)
     try:
         results = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=tasks, num_fewshot=num_fewshot,
                                           limit=limit or None, batch_size=batch_size, device=device,
-                                          log_samples=True)
+                                          log_samples=True, task_manager=task_manager)
     except Exception as e:  # the harness and datasets raise many kinds; map the known ones to one line
         raise _user_error(e, tasks, offline) from None
     if results is None:  # a non-zero rank under torch.distributed; mm runs one process
@@ -102,7 +102,7 @@ def run_benchmarks(export_dir: str | Path, tasks: list[str], output_dir: str | P
             "lm_eval": getattr(lm_eval, "__version__", "?")}, "harness": results}
 
 
-def _check_task_data(tasks: list[str], offline: bool) -> None:
+def _check_task_data(tasks: list[str], offline: bool):
     """Build the tasks (which loads their data) before the model, quietly: missing data is then one
     line, not a model load and the harness's log. The harness builds them again from the cache."""
     import logging
@@ -116,8 +116,9 @@ def _check_task_data(tasks: list[str], offline: bool) -> None:
     for logger in quiet:
         logger.setLevel(logging.CRITICAL)
     datasets.disable_progress_bars()
+    task_manager = TaskManager()  # indexes the harness's task directories once; simple_evaluate reuses it
     try:
-        get_task_dict(tasks, TaskManager())
+        get_task_dict(tasks, task_manager)
     except Exception as e:  # the harness and datasets raise many kinds; map the known ones to one line
         raise _user_error(e, tasks, offline) from None
     finally:
@@ -125,6 +126,7 @@ def _check_task_data(tasks: list[str], offline: bool) -> None:
             logger.setLevel(level)
         if bars:
             datasets.enable_progress_bars()
+    return task_manager
 
 
 def flat_metrics(results: dict) -> dict:
