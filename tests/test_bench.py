@@ -161,4 +161,4 @@ def test_export_chat_template_is_chatml_as_minimind_writes_it(fresh):
     assert prompt == ("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
                       "<|im_start|>user\nWhat is 2+2? 你好<|im_end|>\n<|im_start|>assistant\n")
     card = (fresh["export"] / "README.md").read_text()
-    assert "pretrained only" in card and "bits per byte" in card
+    assert "pretrained only" in card and "bits per byte" in card and "data sources" in card
