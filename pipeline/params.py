@@ -23,6 +23,7 @@ import yaml
 from pipeline.errors import UserError
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
+Compile = Literal["auto", True, False]
 ExportDtype = Literal["fp32", "bf16", "fp16"]
 
 
@@ -102,6 +103,15 @@ class TrainParams:
     """AdamW beta1."""
     beta2: float = 0.95
     """AdamW beta2."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw, or muon: torch.optim.Muon for the blocks' weight matrices and AdamW (lr, betas,
+    weight_decay above) for the embedding/output head and the norms."""
+    muon_lr: float = 0.02
+    """Muon's peak learning rate: the same warmup and cosine curve as lr, scaled to this."""
+    muon_momentum: float = 0.95
+    """Muon's (Nesterov) momentum."""
+    muon_weight_decay: float = 0.0
+    """Muon's decoupled weight decay: each step multiplies its matrices by 1 - lr·muon_weight_decay."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 turns clipping off."""
     dtype: Dtype = "auto"
@@ -123,8 +133,9 @@ class TrainParams:
     """Steps between plain-text log lines (the live bar updates every step)."""
     out_dir: str = "out"
     """Where checkpoints and metrics go."""
-    compile: bool = False
-    """Wrap the model in torch.compile."""
+    compile: Compile = "auto"
+    """torch.compile the model: true, false, or auto (always on CUDA; on a CPU when the run is
+    long enough for the faster steps to repay the compile time; the run summary says which)."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Multi-process strategy: ddp (replicate) or fsdp (shard parameters, grads and optimizer state)."""
     nonfinite: Literal["skip", "abort"] = "skip"
@@ -146,17 +157,19 @@ class TrainParams:
             if getattr(self, name) < 1:
                 raise ParamError(f"train.{name}", f"must be at least 1, got {getattr(self, name)}")
         for name in ("max_steps", "max_tokens", "eval_interval", "eval_batches", "warmup_steps", "max_skips",
-                     "stop_after", "grad_clip", "weight_decay", "epochs"):
+                     "stop_after", "grad_clip", "weight_decay", "epochs", "muon_weight_decay"):
             if getattr(self, name) < 0:
                 raise ParamError(f"train.{name}", f"must not be negative, got {getattr(self, name)}")
         if self.eval_interval and not self.eval_batches:
             raise ParamError("train.eval_batches", "must be at least 1 when train.eval_interval is set "
                              "(0 turns evaluation off)")
-        for name in ("beta1", "beta2"):
+        for name in ("beta1", "beta2", "muon_momentum"):
             if not 0 <= getattr(self, name) < 1:
                 raise ParamError(f"train.{name}", f"must be in [0, 1), got {getattr(self, name)}")
         if self.lr <= 0:
             raise ParamError("train.lr", f"must be positive, got {self.lr}")
+        if self.muon_lr <= 0:
+            raise ParamError("train.muon_lr", f"must be positive, got {self.muon_lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise ParamError("train.min_lr", f"must be in [0, train.lr ({self.lr})], got {self.min_lr}")
 
@@ -303,8 +316,10 @@ def _assign_nested(mapping: dict, keys: list[str], value, name: str, source: str
 def _coerce(value, annotation, name: str, source: str):
     if typing.get_origin(annotation) is Literal:
         choices = typing.get_args(annotation)
-        if value not in choices:
-            raise UserError(f"{source}: '{name}' must be one of {', '.join(choices)}, got {value!r}")
+        # True/False by identity: 1 == True, but 1 is not an answer to a yes/no key.
+        if not any(value is c if isinstance(c, bool) else (isinstance(value, str) and value == c) for c in choices):
+            shown = ", ".join(str(c).lower() if isinstance(c, bool) else c for c in choices)
+            raise UserError(f"{source}: '{name}' must be one of {shown}, got {value!r}")
         return value
     expected = annotation
     if expected is float and isinstance(value, int) and not isinstance(value, bool):

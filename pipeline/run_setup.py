@@ -22,6 +22,7 @@ import torch
 from pipeline import distributed
 from pipeline.architecture import flops_per_token, load_model_json
 from pipeline.checkpoint import check_compatible
+from pipeline.compiling import decide as decide_compile
 from pipeline.errors import UserError
 from pipeline.hardware import peak_flops, peak_source, pick_device, resolve_dtype
 from pipeline.model import ModelConfig, Transformer
@@ -57,6 +58,8 @@ class Run:
     raw_model: torch.nn.Module = None  # the bare Transformer (under FSDP the sharded model itself)
     model: torch.nn.Module = None  # what backward runs through: DDP/FSDP around raw_model, or raw_model
     forward: Callable = None  # model, or torch.compile(model)
+    compiled: bool = False
+    compile_reason: str = ""  # why train.compile chose as it did, for the summary
     optimizer: torch.optim.Optimizer = None
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     autocast: AbstractContextManager = field(default_factory=nullcontext)
@@ -136,12 +139,18 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
     if run.amp_dtype != torch.float32:
         run.autocast = torch.autocast(run.device.type, dtype=run.amp_dtype)
     run.scaler = torch.amp.GradScaler("cuda") if run.amp_dtype == torch.float16 else None
-    run.forward = torch.compile(run.model) if tp.compile else run.model
+    run.compiled, run.compile_reason = decide_compile(tp.compile, run.device, config, tp.seq_len, run.tokens_per_step,
+                                                      run.total_steps)
+    run.forward = torch.compile(run.model) if run.compiled else run.model
 
     # ------------------------------------------------------------------ resume
     checkpoint = pick_checkpoint(resume, run.out_dir, run.note)
     if checkpoint is not None:
         check_compatible(checkpoint, config, run.fingerprints, allow_data_change)
+        saved_optimizer = checkpoint["train_config"].get("optimizer", "adamw")
+        if saved_optimizer != tp.optimizer:  # their states have different shapes: refuse before loading
+            raise UserError(f"{checkpoint['path']}: cannot resume, the run differs in train.optimizer "
+                            f"({saved_optimizer} → {tp.optimizer})")
         distributed.load_full_state(run.model, run.optimizer, checkpoint["model"], checkpoint["optimizer"], world)
         if run.scaler is not None and checkpoint["scaler"]:
             run.scaler.load_state_dict(checkpoint["scaler"])
@@ -155,6 +164,8 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
     # Every rank reads the checkpoint itself, so all must see the same one (a shared out_dir).
     distributed.check_same(run.start_step, world,
                            f"the step to resume from (is {run.out_dir} on a filesystem every node shares?)")
+    if run.compiled:  # the first step then takes a while: say why
+        run.note(f"compiling the model ({run.compile_reason})")
     return run
 
 

@@ -126,7 +126,7 @@ def train_step(run: Run, step: int) -> StepStats:
 
     # ------------------------------------------------------------------ learning rate
     lr = lr_at(step, tp, run.total_steps)
-    set_lr(run.optimizer, lr)
+    set_lr(run.optimizer, lr, tp)
 
     # ------------------------------------------------------------------ micro-batches
     # Forward and backward over this rank's micro-batches. Each micro loss is a token
@@ -233,6 +233,7 @@ def finish(run: Run, step: int, elapsed: float) -> dict:
         "processes": run.world.size, "dtype": str(run.amp_dtype).removeprefix("torch."),
         "tokens_by_source": run.data.tokens_seen(step, run.global_batch),
         "val_loss_by_source": run.val_losses,
+        "optimizer": run.tp.optimizer, "compiled": run.compiled, "compile_reason": run.compile_reason,
     }
     if run.world.is_main:
         write_metrics(run.out_dir / "metrics.json", metrics)

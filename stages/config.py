@@ -26,7 +26,7 @@ def config(
         build_config,
         count_params,
         flops_per_token,
-        memory_bytes,
+        newton_schulz_flops,
         save_model_json,
     )
     from pipeline.errors import UserError
@@ -41,7 +41,7 @@ def config(
     model_config = build_config(name, info["vocab_size"], p.model.overrides)
     save_model_json(model_config, out, name)
 
-    counts, memory = count_params(model_config), memory_bytes(model_config)
+    counts = count_params(model_config)
     T = seq_len or p.train.seq_len
     table = Table(title=f"{name} → {out}", show_header=False)
     table.add_row("layers × dim", f"{model_config.n_layers} × {model_config.dim}")
@@ -51,5 +51,34 @@ def config(
     if model_config.n_experts:
         table.add_row("active per token", f"{counts['active'] / 1e6:.2f}M ({model_config.top_k} of {model_config.n_experts} experts)")
     table.add_row(f"train FLOPs/token @ {T}", f"{flops_per_token(model_config, T) / 1e6:.1f} MFLOP")
-    table.add_row("training state", f"{memory['total'] / 2**20:.0f} MiB (weights {memory['weights'] / 2**20:.0f}, grads {memory['grads'] / 2**20:.0f}, AdamW {memory['optimizer'] / 2**20:.0f})")
+    if p.train.optimizer == "muon":
+        step_flops = flops_per_token(model_config, T) * p.train.micro_batch_size * p.train.accumulation_steps * T
+        ns = newton_schulz_flops(model_config)
+        table.add_row("Muon Newton–Schulz", f"{ns / 1e9:,.1f} GFLOP per optimizer step, {ns / step_flops:.0%} of one "
+                                            "process's model FLOPs per step (not counted in MFU)")
+    for label, text in memory_rows(model_config, p.train, T):
+        table.add_row(label, text)
     Console().print(table)
+
+
+def memory_rows(model_config, tp, seq_len: int) -> list[tuple[str, str]]:
+    """The estimated peak training memory of one process, for train.* as set (docs/training.md: how)."""
+    import torch
+
+    from pipeline.architecture import CPU_RUNTIME_BYTES, training_memory
+    from pipeline.hardware import pick_device, resolve_dtype
+
+    device = pick_device("auto", 0)
+    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[resolve_dtype(tp.dtype, device)]
+    checkpointing = getattr(tp, "activation_checkpointing", "none")
+    m = training_memory(model_config, tp.micro_batch_size, seq_len, dtype, tp.optimizer, device.type, checkpointing)
+    mib = {k: f"{v / 2**20:,.0f}" for k, v in m.items()}
+    optimizer = {"adamw": "AdamW", "muon": "Muon + AdamW"}.get(tp.optimizer, tp.optimizer)
+    shape = f"micro-batch {tp.micro_batch_size} × {seq_len}, {dtype}, {optimizer}, checkpointing {checkpointing}"
+    rows = [(f"peak train memory ({device.type})", f"{mib['total']} MiB for {shape}"),
+            ("  of which", f"weights {mib['weights']}, optimizer {mib['optimizer']}, grads {mib['grads']}, "
+                           f"activations {mib['activations']}, loss {mib['loss']} MiB")]
+    if device.type == "cpu":
+        rows.append(("  + runtime", f"~{CPU_RUNTIME_BYTES / 2**20:.0f} MiB (torch, Python) → RSS ≈ "
+                                     f"{(m['total'] + CPU_RUNTIME_BYTES) / 2**20:,.0f} MiB"))
+    return rows

@@ -130,6 +130,20 @@ def runs(work, tiny_store) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+def muon_runs(work, tiny_store) -> dict[str, Path]:
+    """The same three ways with train.optimizer=muon: one process (accumulation 8), DDP and FSDP2 (2 × 4)."""
+    root, model = work
+    out = {k: root / k for k in ("ref_muon", "ddp2_muon", "fsdp2_muon")}
+    run_together({
+        "ref_muon": train_cmd(tiny_store, model, out["ref_muon"], "accumulation_steps=8", "optimizer=muon"),
+        "ddp2_muon": train_cmd(tiny_store, model, out["ddp2_muon"], "accumulation_steps=4", "optimizer=muon", procs=2),
+        "fsdp2_muon": train_cmd(tiny_store, model, out["fsdp2_muon"], "accumulation_steps=4", "optimizer=muon",
+                                "parallel=fsdp", procs=2),
+    })
+    return out
+
+
+@pytest.fixture(scope="module")
 def reference(runs) -> Path:
     return runs["ref"]
 
@@ -171,6 +185,20 @@ def test_two_processes_match_one_with_double_accumulation(reference, ddp2):
     assert_same_curve(losses(ddp2), losses(reference), range(1, STEPS + 1))
     metrics = (ddp2 / "metrics.json").read_text()
     assert '"processes": 2' in metrics
+
+
+def test_muon_two_processes_match_one_with_double_accumulation(muon_runs):
+    # train.optimizer=muon: torch.optim.Muon on the block matrices (its Newton–Schulz in fp32 in an
+    # fp32 run, see pipeline/optim.py), AdamW on the rest; every rank orthogonalises the same
+    # all-reduced gradients.
+    assert_same_curve(losses(muon_runs["ddp2_muon"]), losses(muon_runs["ref_muon"]), range(1, STEPS + 1))
+    assert '"optimizer": "muon"' in (muon_runs["ddp2_muon"] / "metrics.json").read_text()
+
+
+def test_muon_works_on_fsdp_sharded_parameters(muon_runs):
+    # Under FSDP2 Muon's matrices are sharded DTensors; the iteration's matmuls gather what they
+    # need, so the update is the full matrix's (not each shard's), and the curve is DDP's.
+    assert_same_curve(losses(muon_runs["fsdp2_muon"]), losses(muon_runs["ddp2_muon"]), range(1, STEPS + 1))
 
 
 def test_one_gradient_allreduce_per_optimizer_step(reference, ddp2):

@@ -1,0 +1,193 @@
+"""train.optimizer=muon, train.compile=auto and `mm config`'s memory estimate.
+
+  muon split        Muon gets exactly the blocks' weight matrices, AdamW the embedding and norms
+  muon in fp32      the fp32 Newton–Schulz is torch's iteration (bit for bit when run in bf16)
+  exact resume      16 steps straight == 8 (stop_after) + 8 resumed, bit for bit, with Muon (CLI)
+  optimizer change  resuming a Muon checkpoint with AdamW is a one-line error
+  compile: auto     the decision and its reason (CUDA, short and long CPU runs, true/false)
+  memory estimate   one block's saved activations counted by formula == counted by torch's
+                    saved-tensor hooks (fp32 and bf16, both attention paths, QK-norm)
+(2 processes with Muon == 1 with double accumulation: tests/test_distributed.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+from conftest import assert_user_error, mm, mm_env
+
+from pipeline.architecture import block_activation_bytes, build_config, config_from_dict, hidden_matrix_shapes
+from pipeline.compiling import CPU_COMPILE_MIN_FLOPS, decide
+from pipeline.errors import UserError
+from pipeline.model import Block, Transformer, rope_tables
+from pipeline.optim import MuonWithAdamW, lr_at, make_optimizer, muon_matrices, orthogonalise, set_lr
+from pipeline.params import TrainParams, load_params
+
+
+def small_model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(build_config("tiny", 256, {"dim": 64, "n_layers": 2}))
+
+
+# ---------------------------------------------------------------------------
+# Muon
+# ---------------------------------------------------------------------------
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    model, tp = small_model(), TrainParams(optimizer="muon", dtype="fp32")
+    optimizer = make_optimizer(model, tp, torch.device("cpu"))
+    assert isinstance(optimizer, MuonWithAdamW)
+    muon_ids = {id(p) for g in optimizer.muon.param_groups for p in g["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in muon_ids}
+    assert names == {name for name, _ in muon_matrices(model)}
+    assert len(names) == 2 * 7 and all(n.startswith("layers.") and n.endswith("proj.weight") for n in names)
+    assert sorted(tuple(p.shape) for _, p in muon_matrices(model)) == sorted(hidden_matrix_shapes(model.config))
+    adamw = {id(p) for g in optimizer.adamw.param_groups for p in g["params"]}
+    assert adamw | muon_ids == {id(p) for p in model.parameters()} and not adamw & muon_ids
+
+    # One schedule: AdamW's groups follow lr_at, Muon's the same curve scaled to muon_lr.
+    lr = lr_at(40, tp, 300)
+    set_lr(optimizer, lr, tp)
+    assert optimizer.muon.param_groups[0]["lr"] == pytest.approx(lr * tp.muon_lr / tp.lr)
+    assert all(g["lr"] == lr for g in optimizer.adamw.param_groups)
+
+
+def test_fp32_newton_schulz_is_torchs_iteration():
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    g = torch.randn(96, 40, generator=torch.Generator().manual_seed(0))
+    coefficients = (3.4445, -4.775, 2.0315)
+    torchs = _zeropower_via_newtonschulz(g, coefficients, 5, 1e-7)
+    assert torch.equal(orthogonalise(g.bfloat16(), coefficients, 5, 1e-7), torchs)  # same ops, same rounding
+    fp32 = orthogonalise(g, coefficients, 5, 1e-7)
+    assert fp32.dtype == torch.float32 and (fp32 - torchs.float()).abs().max() < 0.05
+
+
+def test_muon_without_torch_muon_is_one_error(monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(UserError, match="torch >= 2.9"):
+        make_optimizer(small_model(), TrainParams(optimizer="muon"), torch.device("cpu"))
+
+
+def test_optimizer_and_compile_keys_are_checked():
+    assert load_params(None, ["train.compile=true"]).train.compile is True
+    assert load_params(None, []).train.compile == "auto"
+    for bad, words in (("train.compile=1", ["train.compile", "auto, true, false"]),
+                       ("train.optimizer=sgd", ["train.optimizer", "adamw, muon"]),
+                       ("train.muon_momentum=1", ["train.muon_momentum"]),
+                       ("train.muon_lr=0", ["train.muon_lr"])):
+        with pytest.raises(UserError) as e:
+            load_params(None, [bad])
+        assert all(w in str(e.value) for w in words), str(e.value)
+
+
+@pytest.fixture(scope="module")
+def muon_runs(tiny_store, tmp_path_factory):
+    """16 Muon steps straight, and 8 (stop_after) + 8 resumed; then that checkpoint resumed with AdamW."""
+    work = tmp_path_factory.mktemp("muon")
+    (work / "none.yaml").write_text("{}\n")
+    model = work / "model.json"
+    r = mm("config", "--tokenizer", tiny_store.tokenizer, "--out", model, "--params", work / "none.yaml",
+           "--set", "model.dim=64", "--set", "model.n_layers=2", "--set", "train.optimizer=muon", cwd=work)
+    assert r.returncode == 0, r.stderr
+
+    def train(out, *sets, resume="auto"):
+        args = ["train", "--data", tiny_store.store, "--tokenizer", tiny_store.tokenizer, "--model", model,
+                "--device", "cpu", "--resume", resume, "--params", work / "none.yaml", "--set", f"train.out_dir={out}"]
+        for s in ("seq_len=32", "micro_batch_size=4", "max_steps=16", "warmup_steps=3", "eval_interval=8",
+                  "eval_batches=2", "save_interval=100", "dtype=fp32", "optimizer=muon", *sets):
+            args += ["--set", f"train.{s}"]
+        return mm(*args, cwd=work, env=mm_env(OMP_NUM_THREADS="1"), timeout=900)
+
+    straight, first = train(work / "straight"), train(work / "split", "stop_after=8")
+    resumed = train(work / "split")
+    other = train(work / "other", "optimizer=adamw", resume=str(work / "split" / "step_00000008.pth"))
+    return types.SimpleNamespace(work=work, config=r, straight=straight, first=first, resumed=resumed, other=other)
+
+
+def test_muon_resume_is_bit_exact(muon_runs):
+    from pipeline.checkpoint import load_checkpoint
+
+    for r in (muon_runs.straight, muon_runs.first, muon_runs.resumed):
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in muon_runs.resumed.stderr and "at step 8" in muon_runs.resumed.stderr
+    rows = {k: (muon_runs.work / k / "train_log.tsv").read_text().splitlines() for k in ("straight", "split")}
+    strip = lambda lines: [line.split("\t")[:4] for line in lines]  # noqa: E731  step, loss, lr, grad_norm
+    assert len(rows["straight"]) == 17 and strip(rows["split"]) == strip(rows["straight"])
+    a, b = (load_checkpoint(muon_runs.work / k / "ckpt.pth") for k in ("straight", "split"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    buffers = [k for k, v in a["optimizer"]["state"].items() if "momentum_buffer" in v]
+    assert len(buffers) == 14  # Muon's state is in the checkpoint ...
+    for k in buffers:  # ... and restored exactly
+        assert torch.equal(a["optimizer"]["state"][k]["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    metrics = json.loads((muon_runs.work / "straight" / "metrics.json").read_text())
+    assert metrics["optimizer"] == "muon" and metrics["compiled"] is False
+    assert metrics["compile_reason"].startswith("auto: a short CPU run")
+    assert "Muon Newton–Schulz" in muon_runs.config.stdout and "peak train memory" in muon_runs.config.stdout
+
+
+def test_resuming_with_another_optimizer_is_one_line_error(muon_runs):
+    assert_user_error(muon_runs.other, "cannot resume", "train.optimizer (muon → adamw)")
+
+
+# ---------------------------------------------------------------------------
+# compile: auto
+# ---------------------------------------------------------------------------
+
+
+def test_compile_auto_decides_by_device_and_run_length():
+    c = build_config("minimind2-small", 6400)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert decide(True, cpu, c, 512, 2048, 10) == (True, "train.compile=true")
+    assert decide(False, cuda, c, 512, 2048, 10**6) == (False, "train.compile=false")
+    assert decide("auto", cuda, c, 512, 2048, 10)[0] is True
+    demo = decide("auto", cpu, build_config("tiny", 6400), 256, 16 * 256, 300)
+    assert demo[0] is False and "short CPU run" in demo[1]
+    long = decide("auto", cpu, c, 512, 2048, 10**5)
+    assert long[0] is True and "long CPU run" in long[1]
+    from pipeline.architecture import flops_per_token
+    steps = CPU_COMPILE_MIN_FLOPS / (flops_per_token(c, 512) * 2048)
+    assert decide("auto", cpu, c, 512, 2048, int(steps) - 1)[0] is False
+    assert decide("auto", cpu, c, 512, 2048, int(steps) + 1)[0] is True
+
+
+# ---------------------------------------------------------------------------
+# Memory estimate
+# ---------------------------------------------------------------------------
+
+
+def saved_activation_bytes(block: Block, batch: int, seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes of the distinct storages one block's forward saves for backward, weights (and their casts) excluded."""
+    c = block.self_attn
+    x = torch.randn(batch, seq_len, block.input_layernorm.weight.numel(), requires_grad=True)
+    cos, sin = rope_tables(c.head_dim, seq_len, 1e6)
+    weights = list(block.parameters())
+    weight_shapes = {tuple(p.shape) for p in weights} | {tuple(p.t().shape) for p in weights if p.dim() == 2}
+    skip = {p.untyped_storage().data_ptr() for p in [*weights, cos, sin]}
+    storages = {}
+
+    def pack(t):
+        weight_copy = t.dtype != torch.float32 and tuple(t.shape) in weight_shapes  # autocast's weight casts
+        if t.untyped_storage().data_ptr() not in skip and not weight_copy:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            block(x, cos, sin)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seq_len", [20, 2100])  # bf16: the CPU matmul attention path, then SDPA's (2·4·2100² > 2^25)
+@pytest.mark.parametrize("shape", [{}, {"qk_norm": True}, {"n_kv_heads": 4}])
+def test_block_activation_estimate_counts_what_autograd_saves(dtype, seq_len, shape):
+    c = config_from_dict({"vocab_size": 256, "dim": 96, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2,
+                          "max_seq_len": 4096, **shape}, "test")
+    measured = saved_activation_bytes(Block(c), 2, seq_len, dtype)
+    estimated = block_activation_bytes(c, 2, seq_len, 4 if dtype == torch.float32 else 2, "cpu")
+    assert abs(estimated - measured) <= 0.05 * measured, (estimated, measured)
