@@ -9,12 +9,11 @@ checkpoint against its config and writes the files atomically.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from pipeline import atomic
 from pipeline.checkpoint import model_config
 from pipeline.errors import UserError
 from pipeline.hardware import DTYPES
@@ -81,21 +80,11 @@ def _write_dir_atomically(out_dir: Path, write) -> None:
         raise UserError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").exists():
         raise UserError(f"{out_dir}: exists, is not empty and is not a model export; refusing to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        write(tmp)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
+        with atomic.staged_dir(out_dir) as tmp:  # every file fsynced, then one rename
+            write(tmp)
     except OSError as e:
         raise UserError(f"{out_dir}: writing the export failed ({e.strerror or e})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 

@@ -10,11 +10,11 @@ as arch `qwen3`, which uses the NeoX (rotate-half) RoPE: no permutation.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from pipeline import atomic
 from pipeline.errors import UserError
 from pipeline.model import ModelConfig
 
@@ -76,22 +76,18 @@ def write_gguf(path: Path, weights: dict, config: ModelConfig, tok: dict, ids: d
     file_type = {"fp32": gguf.LlamaFileType.ALL_F32, "fp16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    writer = gguf.GGUFWriter(str(tmp), arch)
     try:
-        _add_hyperparameters(writer, config, arch, file_type)
-        _add_vocabulary(writer, config, tok, ids, pre)
-        _add_weights(writer, weights, config, arch, matrix_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
+        with atomic.staged_file(path) as tmp:  # fsynced and renamed into place only when complete
+            writer = gguf.GGUFWriter(str(tmp), arch)
+            _add_hyperparameters(writer, config, arch, file_type)
+            _add_vocabulary(writer, config, tok, ids, pre)
+            _add_weights(writer, weights, config, arch, matrix_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
     except OSError as e:
         raise UserError(f"{path}: writing the GGUF file failed ({e.strerror or e})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

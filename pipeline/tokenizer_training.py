@@ -11,9 +11,9 @@ loads with `transformers.AutoTokenizer.from_pretrained(DIR)` offline.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from pipeline import atomic
 from pipeline.errors import UserError
 from pipeline.inputs import expand_inputs, iter_texts
 from pipeline.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, load_tokenizer
@@ -93,6 +93,4 @@ def train_tokenizer_on(
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
