@@ -124,7 +124,6 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
         raise UserError(f"train.seq_len {tp.seq_len} exceeds the model's max_seq_len {config.max_seq_len} "
                         f"({model_path})")
     run.total_steps = resolve_total_steps(tp, run.data.n_windows, run.global_batch)
-    run.note(run.data.summary(run.total_steps, run.global_batch))
     run.fingerprints = {
         "tokenizer_sha256": tokenizer_sha, "store_fingerprint": store.fingerprint,
         "data_mixture": run.data.mixture_key,
@@ -172,6 +171,7 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
 def open_outputs(run: Run, cleanup: ExitStack) -> None:
     """The live bar and the metric logs (cut back to the resumed step), closed however the run ends."""
     main = run.world.is_main
+    run.note(run.data.summary(run.total_steps, run.global_batch))  # only when there is something to train
     run.display = Display(run.total_steps, run.start_step, run.tp.log_interval, enabled=main)
     cleanup.callback(run.display.close)  # a live bar left running would leave the terminal's cursor hidden
     run.display.val_loss = run.val_loss
