@@ -5,8 +5,10 @@ files (no disk used: the tokens read back as 0) with a document every --doc-len
 tokens (real offsets), and a small real source `sample` (the embedded corpus).
 Then, for each size in --sizes, it runs `mm train` for 2 steps of a tiny model
 with weights big 0.9 / sample 0.1, in both window modes, and reports the wall time
-of the whole command, the time to open the store in-process, and the command's
-peak RSS (getrusage of the child). A tiny store (the sample source alone) is the
+of the whole command, the time until its first step is logged (process start,
+imports, opening the store, building the model and the sampler, one step), the
+time to open the store in-process, and the command's peak RSS (getrusage of the
+child). A tiny store (the sample source alone) is the
 baseline: flat memory means the same peak RSS whatever the size.
 
     python bench/bench_big_store.py --out /tmp/bigstore                # 5·10^9 tokens
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.params import TrainParams
 from pipeline.token_store import (
     ATTRS_CHECKSUM,
     CHUNK_TOKENS,
@@ -38,6 +41,7 @@ from pipeline.token_store import (
     part_dir,
     write_metadata,
 )
+from pipeline.train_data import open_train_data
 
 
 def write_json(path: Path, doc: dict) -> None:
@@ -99,13 +103,23 @@ def run_train(root: Path, store: Path, sources: dict, window_start: str, name: s
               f"train.window_start={window_start}", f"train.out_dir={root / name}", "train.save_interval=100"):
         cmd += ["--set", s]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    log = root / name / "train_log.tsv"
+    shutil.rmtree(root / name, ignore_errors=True)
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", MEASURE, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    first = None
+    while proc.poll() is None:  # the first step is logged when its row appears
+        if first is None and log.exists() and len(log.read_text().splitlines()) > 1:
+            first = time.perf_counter() - t0
+        time.sleep(0.05)
     wall = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise SystemExit(done.stderr[-3000:])
-    peak_kib = int(done.stderr.strip().splitlines()[-1])
-    return {"wall_s": round(wall, 2), "peak_rss_mib": round(peak_kib / 1024)}
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(err[-3000:])
+    peak_kib = int(err.strip().splitlines()[-1])
+    return {"first_step_s": round(first or wall, 2), "wall_s": round(wall, 2), "peak_rss_mib": round(peak_kib / 1024),
+            "load": round(os.getloadavg()[0], 1)}
 
 
 # Runs the command and prints its peak RSS (KiB) last on stderr: a fresh parent per
@@ -151,16 +165,25 @@ def main() -> None:
         opened = open_store(store, sources=["big", "sample"])
         open_s = time.perf_counter() - t0
         assert opened.sources["big"].train.n_tokens == n
+        for ws in ("stream", "document"):  # in process: the data side alone, no torch import or model
+            tp = TrainParams(seq_len=256, micro_batch_size=8, window_start=ws)
+            t0 = time.perf_counter()
+            data = open_train_data(store, {"big": 0.9, "sample": 0.1}, tp, note=lambda _: None)
+            first = next(data.sampler.micro_batches(0, 0, 1, 8, 1))
+            far = next(data.sampler.micro_batches(10**8, 0, 1, 8, 1))
+            print(json.dumps({"tokens": n, "window_start": ws, "data_ready_and_2_batches_s":
+                              round(time.perf_counter() - t0, 3), "windows_big": data.sampler.windows[0].n_windows,
+                              "batch": list(first.inputs.shape), "far_batch": list(far.inputs.shape)}), flush=True)
         for ws in ("stream", "document"):
             r = run_train(root, store, {"big": 0.9, "sample": 0.1}, ws, f"big_{ws}")
             rows.append({"tokens": f"{n:.3g}", "window_start": ws, "open_store_s": round(open_s, 3), **r})
         print(json.dumps(rows[-2:]), flush=True)
     (root / "report.json").write_text(json.dumps(rows, indent=1))
-    print("| store (big source) | window_start | open_store | `mm train`, 2 steps, wall | peak RSS |")
-    print("|---|---|---:|---:|---:|")
+    print("| store (big source) | window_start | open_store | first step logged | 2 steps, wall | peak RSS | load |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['tokens']} | {r['window_start']} | {r.get('open_store_s', '')} | {r['wall_s']} s | "
-              f"{r['peak_rss_mib']} MiB |")
+        print(f"| {r['tokens']} | {r['window_start']} | {r.get('open_store_s', '')} | {r['first_step_s']} s | "
+              f"{r['wall_s']} s | {r['peak_rss_mib']} MiB | {r['load']} |")
 
 
 if __name__ == "__main__":
