@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 
-# preset, micro batch, seq len, dtype, vocab, optimizer
+# preset, micro batch, seq len, dtype, vocab, optimizer[, loss full|fused[, checkpointing none|blocks]]
 CASES = [
     "tiny,16,256,bf16,6400,adamw",
     "tiny,16,256,bf16,6400,muon",
@@ -25,7 +25,16 @@ CASES = [
     "minimind2-small,8,512,bf16,65536,adamw",
     "minimind2-small,8,512,fp32,6400,adamw",
     "minimind2,2,1024,bf16,6400,adamw",
+    "minimind2-small,8,512,bf16,65536,adamw,fused",
+    "minimind2,4,1024,bf16,6400,adamw,fused,none",
+    "minimind2,4,1024,bf16,6400,adamw,fused,blocks",
 ]
+
+
+def parse(case: str) -> tuple:
+    preset, batch, seq, dtype, vocab, optimizer, *rest = case.split(",")
+    loss, checkpointing = (rest + ["full", "none"][len(rest):])[:2]
+    return preset, int(batch), int(seq), dtype, int(vocab), optimizer, loss, checkpointing
 
 
 def rss_kib(field: str) -> int:
@@ -45,8 +54,7 @@ def measure(case: str, steps: int) -> dict:
     from pipeline.model import Transformer
     from pipeline.optim import make_optimizer
 
-    preset, batch, seq, dtype, vocab, optimizer = case.split(",")
-    batch, seq, vocab = int(batch), int(seq), int(vocab)
+    preset, batch, seq, dtype, vocab, optimizer, loss_kind, checkpointing = parse(case)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tp = types.SimpleNamespace(optimizer=optimizer, lr=3e-3, min_lr=3e-4, weight_decay=0.1, beta1=0.9, beta2=0.95,
                                muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0)
@@ -56,18 +64,23 @@ def measure(case: str, steps: int) -> dict:
     def train(c, batch, seq, steps):
         torch.manual_seed(0)
         model = Transformer(c).to(device)
+        model.checkpoint_blocks = checkpointing == "blocks"
         opt = make_optimizer(model, tp, device)
         for _ in range(steps):
             x = torch.randint(0, c.vocab_size, (batch, seq + 1), device=device)
+            targets = x[:, 1:]
             with autocast:
-                logits, aux = model(x[:, :-1])
-            targets = x[:, 1:].reshape(-1)
-            loss = F.cross_entropy(logits.float().view(-1, c.vocab_size), targets, reduction="sum") / targets.numel()
-            (loss + aux).backward()
+                if loss_kind == "fused":  # the model's chunked cross-entropy fused with the head
+                    loss, aux = model(x[:, :-1], targets=targets)
+                else:
+                    logits, aux = model(x[:, :-1])
+                    loss = F.cross_entropy(logits.float().view(-1, c.vocab_size), targets.reshape(-1), reduction="sum")
+                    del logits
+            (loss / targets.numel() + aux).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            del logits, loss, aux
+            del loss, aux
 
     # The runtime: the RSS after the same kind of step on a minute model has paged in
     # torch's code and set up its thread pools (none of which is a training tensor).
@@ -85,9 +98,9 @@ def measure(case: str, steps: int) -> dict:
 def estimate(case: str, device: str) -> dict:
     from pipeline.architecture import build_config, training_memory
 
-    preset, batch, seq, dtype, vocab, optimizer = case.split(",")
-    c = build_config(preset, int(vocab), {"max_seq_len": max(int(seq), 2048)})
-    return training_memory(c, int(batch), int(seq), dtype, optimizer, device=device.split(":")[0])
+    preset, batch, seq, dtype, vocab, optimizer, loss_kind, checkpointing = parse(case)
+    c = build_config(preset, vocab, {"max_seq_len": max(seq, 2048)})
+    return training_memory(c, batch, seq, dtype, optimizer, device.split(":")[0], checkpointing, loss_kind == "fused")
 
 
 def main() -> None:
