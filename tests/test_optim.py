@@ -92,7 +92,8 @@ def muon_runs(tiny_store, tmp_path_factory):
     (work / "none.yaml").write_text("{}\n")
     model = work / "model.json"
     r = mm("config", "--tokenizer", tiny_store.tokenizer, "--out", model, "--params", work / "none.yaml",
-           "--set", "model.dim=64", "--set", "model.n_layers=2", "--set", "train.optimizer=muon", cwd=work)
+           "--set", "model.dim=64", "--set", "model.n_layers=2", "--set", "train.optimizer=muon", cwd=work,
+           timeout=900)
     assert r.returncode == 0, r.stderr
 
     def train(out, *sets, resume="auto"):
