@@ -332,14 +332,17 @@ class Block(nn.Module):
 # The loss
 # ---------------------------------------------------------------------------
 
-# Logits formed at once by the loss: rows × vocab ≈ 2^23 (32 MiB in fp32); docs/training.md measures it.
-LOSS_CHUNK_ELEMENTS = 2**23
+# Logits formed at once by the loss: rows × vocab ≈ 2^25 (128 MiB in fp32). Smaller chunks add a
+# pass over the weight's (vocab, dim) gradient each; docs/training.md measures it.
+LOSS_CHUNK_ELEMENTS = 2**25
+IGNORE_INDEX = -100  # a target that scores nothing (F.cross_entropy's default ignore_index)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """Σ cross_entropy(x @ weight.T, targets) over rows, never holding more than one chunk's logits.
 
-    x (N, C), weight (V, C), targets (N,) → fp32 scalar. The gradient of a
+    x (N, C), weight (V, C), targets (N,) → fp32 scalar; targets equal to
+    IGNORE_INDEX score nothing, as in F.cross_entropy. The gradient of a
     cross-entropy is softmax − one-hot, so each chunk's gradients for x and
     weight are formed in the forward pass, right after its logits, and the
     backward only scales them by the incoming gradient: no logits are kept and
@@ -359,15 +362,19 @@ class LinearCrossEntropy(torch.autograd.Function):
             w = weight.to(dtype)
             for i in range(0, N, rows):
                 xs, ts = x[i : i + rows].to(dtype), targets[i : i + rows]
+                scored = ts != IGNORE_INDEX
+                ts = torch.where(scored, ts, 0)
                 logits = (xs @ w.t()).float()  # (rows, V)
                 lse = torch.logsumexp(logits, dim=-1)
-                loss += (lse - logits.gather(1, ts[:, None]).squeeze(1)).sum()
+                loss += torch.where(scored, lse - logits.gather(1, ts[:, None]).squeeze(1), 0.0).sum()
                 if want_x or want_w:
                     d = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                     d[torch.arange(len(ts), device=d.device), ts] -= 1.0
                     d = d.to(dtype)
+                    # Unscored rows are zeroed in the small (rows, C) factors, not in d (rows, V).
                     if want_x:
-                        grad_x[i : i + rows] = d @ w
+                        grad_x[i : i + rows] = (d @ w) * scored[:, None]
+                    xs = xs * scored[:, None].to(dtype)
                     if want_w and dtype == torch.float32:
                         grad_w.addmm_(d.t(), xs)
                     elif want_w:

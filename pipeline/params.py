@@ -136,12 +136,26 @@ class TrainParams:
     compile: Compile = "auto"
     """torch.compile the model: true, false, or auto (always on CUDA; on a CPU when the run is
     long enough for the faster steps to repay the compile time; the run summary says which)."""
+    attention: Literal["causal", "document"] = "causal"
+    """causal: a token attends to every earlier token of its window; document: only to earlier
+    tokens of its own document (documents start at the window's BOS tokens)."""
+    positions: Literal["auto", "window", "document"] = "auto"
+    """RoPE positions: window (0 .. seq_len - 1) or document (restarting at 0 at each document's
+    BOS); auto means document when attention is document, window otherwise."""
+    activation_checkpointing: Literal["none", "blocks"] = "none"
+    """blocks: keep only each transformer block's input and recompute the block during backward
+    (less memory for about one more forward pass of compute)."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Multi-process strategy: ddp (replicate) or fsdp (shard parameters, grads and optimizer state)."""
     nonfinite: Literal["skip", "abort"] = "skip"
     """On a non-finite loss or grad norm: skip the step (up to max_skips times) or abort."""
     max_skips: int = 10
     """Non-finite steps tolerated under nonfinite=skip before the run aborts."""
+
+    @property
+    def document_positions(self) -> bool:
+        """Whether RoPE positions restart at each document (train.positions, auto resolved)."""
+        return self.positions == "document" or (self.positions == "auto" and self.attention == "document")
 
     @property
     def rank_batch(self) -> int:

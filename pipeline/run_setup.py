@@ -132,6 +132,9 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
 
     # ------------------------------------------------------------------ model, precision, optimizer
     run.raw_model = Transformer(config).to(run.device)
+    run.raw_model.document_attention = tp.attention == "document"
+    run.raw_model.document_positions = tp.document_positions
+    run.raw_model.checkpoint_blocks = tp.activation_checkpointing == "blocks"
     run.model = distributed.wrap_model(run.raw_model, world, tp.parallel, run.device, find_unused=config.n_experts > 0)
     run.optimizer = make_optimizer(run.model, tp, run.device)
     run.sync_counter = distributed.grad_sync_counter(run.model)

@@ -168,11 +168,13 @@ def test_document_attention_differs_from_causal_and_skips_keys():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_loss_matches_full_logits(dtype, monkeypatch):
     """Summed cross-entropy and gradients through LinearCrossEntropy, 7 rows per chunk, equal
-    F.cross_entropy over the full fp32 logits: 1e-5 relative in fp32, bf16's rounding under autocast."""
+    F.cross_entropy over the full fp32 logits (ignored targets too): 1e-5 relative in fp32,
+    bf16's rounding under autocast."""
     monkeypatch.setattr(M, "LOSS_CHUNK_ELEMENTS", 5000 * 7)
     torch.manual_seed(0)
     model = Transformer(build_config("tiny", 5000, {"dim": 64, "n_layers": 2}))
     idx, targets = torch.randint(0, 5000, (3, 40)), torch.randint(0, 5000, (3, 40))
+    targets[1, 5:9] = M.IGNORE_INDEX  # padding scores nothing, as in F.cross_entropy
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
     with autocast:
