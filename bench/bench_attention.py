@@ -69,14 +69,21 @@ def patched(**values):
 
 
 def kernel_variants(T: int) -> dict:
-    """name → (use doc mask, constants): every way the model can compute attention on this machine."""
+    """name → (use doc mask, constants): every way the model can compute attention on a CPU."""
     never, always = 0, 2**62
-    return {
+    variants = {
         "causal": (False, {}),
         "document, one SDPA call": (True, {"DOCUMENT_TILE": T, "CPU_MATMUL_ATTENTION_MAX_SCORES": never}),
         "document, one matmul call": (True, {"DOCUMENT_TILE": T, "CPU_MATMUL_ATTENTION_MAX_SCORES": always}),
-        **{f"document, tiles of {t}": (True, {"DOCUMENT_TILE": t}) for t in (128, 256, 512) if t < T},
+        "document, tiles of 256, SDPA": (True, {"DOCUMENT_TILE": 256, "CPU_MATMUL_ATTENTION_MAX_SCORES": never}),
+        "document, tiles of 256, matmul": (True, {"DOCUMENT_TILE": 256, "CPU_MATMUL_ATTENTION_MAX_SCORES": always}),
+        "document, tiles of 512, SDPA": (True, {"DOCUMENT_TILE": 512, "CPU_MATMUL_ATTENTION_MAX_SCORES": never}),
     }
+    if T <= 256:  # one tile: the tiled variants are the single calls
+        variants = {k: v for k, v in variants.items() if "tiles" not in k}
+    if T > 1024:  # a (B·H, T, T) score tensor per layer: the memory the threshold exists to avoid
+        del variants["document, one matmul call"]
+    return variants
 
 
 def time_kernels(c, doc_ids, dtype, rounds: int) -> dict:

@@ -16,7 +16,7 @@ implementations so that export is a renaming table, not a conversion.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -141,14 +141,13 @@ def causal_attention_cpu(q, k, v):
     return torch.bmm(probs, v.reshape(B * KV, T, hd)).view(B, H, T, hd)
 
 
-def masked_attention_cpu(q, k, v, allowed):
-    """The same matmuls under a per-row mask: q (B, H, Tq, hd), k, v (B, KV, Tk, hd), allowed (B, Tq, Tk) bool."""
+def masked_attention_cpu(q, k, v, bias):
+    """The same matmuls under a per-row mask: q (B, H, Tq, hd), k, v (B, KV, Tk, hd), bias the
+    additive mask laid out like the scores, (B·KV, G·Tq, Tk) (DocumentMask.bias builds it)."""
     B, H, Tq, hd = q.shape
     KV, Tk = k.size(1), k.size(2)
-    group = H // KV
-    scores = torch.bmm(q.reshape(B * KV, group * Tq, hd), k.reshape(B * KV, Tk, hd).transpose(1, 2))
-    # In place on the product (bmm keeps its inputs, not its output, for backward): no second scores tensor.
-    scores.view(B, KV, group, Tq, Tk).mul_(hd**-0.5).masked_fill_(~allowed[:, None, None], float("-inf"))
+    scores = torch.baddbmm(bias, q.reshape(B * KV, H // KV * Tq, hd), k.reshape(B * KV, Tk, hd).transpose(1, 2),
+                           alpha=hd**-0.5)
     probs = torch.softmax(scores, dim=-1)
     return torch.bmm(probs, v.reshape(B * KV, Tk, hd)).view(B, H, Tq, hd)
 
@@ -170,6 +169,17 @@ class DocumentMask:
 
     tiles: list[tuple[int, int, int, torch.Tensor]]
     block_mask: object = None
+    biases: dict = field(default_factory=dict)
+
+    def bias(self, tile: int, dtype, kv_heads: int, group: int) -> torch.Tensor:
+        """Tile's additive mask (0 / -inf) laid out like masked_attention_cpu's scores; made once per forward."""
+        key = (tile, dtype, kv_heads, group)
+        if key not in self.biases:
+            allowed = self.tiles[tile][3]
+            B, Tq, Tk = allowed.shape
+            bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+            self.biases[key] = bias[:, None, None].expand(B, kv_heads, group, Tq, Tk).reshape(B * kv_heads, group * Tq, Tk)
+        return self.biases[key]
 
 
 def document_mask(doc_ids: torch.Tensor, tile: int = DOCUMENT_TILE) -> DocumentMask:
@@ -205,10 +215,10 @@ def document_attention(q, k, v, mask: DocumentMask):
             _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
         return _compiled_flex_attention(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
     out = []
-    for q0, q1, k0, allowed in mask.tiles:
+    for i, (q0, q1, k0, allowed) in enumerate(mask.tiles):
         qt, kt, vt = q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1]
         if use_matmul_attention(qt, q1 - k0):
-            out.append(masked_attention_cpu(qt, kt, vt, allowed))
+            out.append(masked_attention_cpu(qt, kt, vt, mask.bias(i, q.dtype, k.size(1), q.size(1) // k.size(1))))
         else:
             out.append(F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed[:, None], enable_gqa=gqa))
     return torch.cat(out, dim=2) if len(out) > 1 else out[0]

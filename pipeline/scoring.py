@@ -2,8 +2,8 @@
 
 Training's validation (pipeline/train.py), per-source validation and `mm eval`
 (pipeline/evaluate.py) all go through `score_tokens`, so they share one
-window rule and one cross-entropy helper (`token_nll_sum`, also training's
-loss):
+window rule and one cross-entropy helper (`token_nll_sum`; training's loss is
+the same sum, fused with the output head inside the model):
 
 - Windows (the stream view). Window i is tokens[i·T : i·T + T + 1]
   (T = seq_len): inputs its first T tokens, targets its last T, the layout
@@ -47,7 +47,8 @@ IGNORE = -100
 def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Σ next-token cross-entropy in nats over every target (IGNORE excluded), computed in fp32.
 
-    The one cross-entropy of the project: training's loss, validation and `mm eval`."""
+    The one cross-entropy of validation and `mm eval`; training computes the same sum without
+    materialising the logits (pipeline/model.py, LinearCrossEntropy)."""
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
 

@@ -33,7 +33,6 @@ from pipeline.params import Params, check_params
 from pipeline.plots import write_loss_png
 from pipeline.progress import write_metrics
 from pipeline.run_setup import Run, StopRequest, open_outputs, setup
-from pipeline.scoring import token_nll_sum
 from pipeline.token_guard import check_token_ids
 from pipeline.train_data import evaluate_sources, source_weights
 
@@ -140,9 +139,10 @@ def train_step(run: Run, step: int) -> StepStats:
                         f"a batch of step {step + 1}")
         x, y, doc_ids = batch.inputs.to(run.device), batch.targets.to(run.device), batch.doc_ids.to(run.device)
         distributed.set_gradient_sync(run.model, m == tp.accumulation_steps - 1)
+        # The loss comes from the model: cross-entropy fused with the output head, so the (B, T, vocab)
+        # logits never exist. doc_ids (BOS tokens so far) serve train.attention/positions = document.
         with run.autocast:
-            logits, aux_loss = run.forward(x, doc_ids=doc_ids)  # doc_ids: used when the model attends by document
-        token_loss = token_nll_sum(logits, y)
+            token_loss, aux_loss = run.forward(x, targets=y, doc_ids=doc_ids)
         micro_loss = token_loss / (tp.seq_len * tp.rank_batch)
         objective = micro_loss + aux_loss / tp.accumulation_steps
         reductions = counter.reductions if counter else 0

@@ -108,7 +108,8 @@ def evaluate_sources(model, data: TrainData, tp: TrainParams, device, autocast) 
     for name in data.val:
         split = data.store.sources[name].val
         score = score_tokens(model, split.tokens, tp.seq_len, tp.eval_batches * tp.micro_batch_size,
-                             tp.micro_batch_size, device, autocast=autocast, source=f"{data.store.path} ({name})")
+                             tp.micro_batch_size, device, autocast=autocast, source=f"{data.store.path} ({name})",
+                             bos_id=data.store.bos_id)  # doc_ids: a model trained by document scores that way
         losses[name] = score.loss
     model.train()
     weights = {n: w for n, w in zip(data.names, data.weights, strict=True) if n in losses}

@@ -95,9 +95,10 @@ def test_dvc_repro_reruns_exactly_what_changed(tmp_path):
     (project / "params.yaml").write_text(before)
     assert "up to date" in _dvc(project, "status")
 
-    # 2. Only train.lr changed: train, export and eval rerun; nothing upstream does. The same
-    #    for a source's weight: it is read by training alone.
-    _shrink_params(project / "params.yaml", lr=0.002)
+    # 2. Only train keys changed (lr, and the document attention and checkpointing modes, which
+    #    train with them): train, export and eval rerun; nothing upstream does. The same for a
+    #    source's weight: it is read by training alone.
+    _shrink_params(project / "params.yaml", lr=0.002, attention="document", activation_checkpointing="blocks")
     assert _ran(_dvc(project, "repro")) == {"train", "export", "eval"}
     _set_params(project, lambda p: p["data"]["sources"]["sample"].update(weight=0.5))
     ran = _ran(_dvc(project, "repro"))  # one source: its normalised share is 1 whatever the weight, so an

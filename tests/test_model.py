@@ -91,7 +91,8 @@ def test_masked_attention_matches_sdpa(half):
     allowed = (doc[:, 9:, None] == doc[:, None, :]) & (torch.arange(9, 29)[:, None] >= torch.arange(29)[None])
     g = torch.randn(2, 8, 20, 16)
     cast = (lambda t: t.bfloat16()) if half else (lambda t: t)
-    ours = M.masked_attention_cpu(cast(q), cast(k), cast(v), allowed).float()
+    bias = M.DocumentMask([(9, 29, 0, allowed)]).bias(0, torch.bfloat16 if half else torch.float32, 2, 4)
+    ours = M.masked_attention_cpu(cast(q), cast(k), cast(v), bias).float()
     (ours * g).sum().backward()
     our_grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
