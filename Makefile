@@ -21,4 +21,5 @@ demo: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q

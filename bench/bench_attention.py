@@ -165,11 +165,13 @@ def main() -> None:
     c = build_config(args.preset, 6400, {"max_seq_len": max(args.seq_lens)})
     result = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "dtype": str(dtype).removeprefix("torch."), "preset": args.preset, "tokens_per_step": args.tokens,
-              "document_tokens_median": int(np.median(lengths)), "document_tokens_mean": round(float(lengths.mean()), 1),
+              "document_tokens_median": int(np.median(lengths)),
+              "document_tokens_mean": round(float(lengths.mean()), 1),
               "by_seq_len": {}}
     for T in args.seq_lens:
         doc_ids = packed_doc_ids(lengths, max(1, args.tokens // T), T, seed=T)
-        entry = {"batch": doc_ids.size(0), "documents_per_window": round(float((doc_ids[:, -1] - doc_ids[:, 0] + 1).float().mean()), 1),
+        per_window = (doc_ids[:, -1] - doc_ids[:, 0] + 1).float().mean()
+        entry = {"batch": doc_ids.size(0), "documents_per_window": round(float(per_window), 1),
                  "kernel_ms": time_kernels(c, doc_ids, dtype, args.rounds)}
         if not args.skip_steps:
             entry["steps"] = time_steps(c, doc_ids, dtype, args.rounds, args.steps)

@@ -129,7 +129,8 @@ def bench(preset: str, vocab: int, out: Path, rounds: int) -> dict:
         size = path.stat().st_size
     shutil.rmtree(out, ignore_errors=True)
     return {"preset": preset, "params_M": round(count_params(config)["total"] / 1e6, 1),
-            "file_MiB": round(size / 2**20), "gather": round(gather, 2), **{k: round(min(v), 2) for k, v in times.items()}}
+            "file_MiB": round(size / 2**20), "gather": round(gather, 2),
+            **{k: round(min(v), 2) for k, v in times.items()}}
 
 
 def main() -> None:

@@ -69,7 +69,7 @@ def moving_average(xs: list[float], n: int) -> list[float]:
 
 
 def max_rel_diff(a: list[float], b: list[float]) -> tuple[float, int]:
-    diffs = [abs(y - x) / abs(x) for x, y in zip(a, b)]
+    diffs = [abs(y - x) / abs(x) for x, y in zip(a, b, strict=True)]
     worst = max(range(len(diffs)), key=diffs.__getitem__)
     return diffs[worst], worst
 
@@ -77,7 +77,8 @@ def max_rel_diff(a: list[float], b: list[float]) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--set-model", action="append", default=[], metavar="FIELD=VALUE", help="model override, e.g. dim=256")
+    ap.add_argument("--set-model", action="append", default=[], metavar="FIELD=VALUE",
+                    help="model override, e.g. dim=256")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=100)
@@ -110,7 +111,8 @@ def main() -> None:
     fp32, bf16 = results["fp32"][0], results["bf16"][0]
     assert bf16["dtype"] == "bfloat16", f"bf16 did not run as bf16 ({bf16['dtype']})"
     raw, raw_at = max_rel_diff(fp32["losses"], bf16["losses"])
-    smooth, smooth_at = max_rel_diff(moving_average(fp32["losses"], args.smooth), moving_average(bf16["losses"], args.smooth))
+    smooth, smooth_at = max_rel_diff(moving_average(fp32["losses"], args.smooth),
+                                     moving_average(bf16["losses"], args.smooth))
     speed = {d: statistics.median(t for res in results[d] for t in res["tokens_per_s"]) for d in results}
     figures = {
         "preset": args.preset, "overrides": overrides, "seq_len": args.seq_len,
@@ -125,10 +127,12 @@ def main() -> None:
     print(f"{args.preset} {overrides or ''} seq {args.seq_len} batch {args.batch}, {args.steps} steps, ln(vocab) "
           f"{math.log(config.vocab_size):.3f}")
     print(f"loss  step 1: fp32 {fp32['losses'][0]:.4f} bf16 {bf16['losses'][0]:.4f}   step {args.steps}: "
-          f"fp32 {fp32['losses'][-1]:.4f} bf16 {bf16['losses'][-1]:.4f}   val: fp32 {fp32['val_loss']:.4f} bf16 {bf16['val_loss']:.4f}")
+          f"fp32 {fp32['losses'][-1]:.4f} bf16 {bf16['losses'][-1]:.4f}   "
+          f"val: fp32 {fp32['val_loss']:.4f} bf16 {bf16['val_loss']:.4f}")
     print(f"max relative loss difference: raw {raw:.2%} (step {raw_at + 1}), "
           f"{args.smooth}-step average {smooth:.2%} (step {smooth_at + args.smooth})")
-    print(f"median tokens/s: fp32 {speed['fp32']:,.0f}  bf16 {speed['bf16']:,.0f}  → bf16/fp32 = {speed['bf16'] / speed['fp32']:.2f}×")
+    print(f"median tokens/s: fp32 {speed['fp32']:,.0f}  bf16 {speed['bf16']:,.0f}  "
+          f"→ bf16/fp32 = {speed['bf16'] / speed['fp32']:.2f}×")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 

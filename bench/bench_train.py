@@ -66,7 +66,10 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, device)
     c = build_config(args.preset, 6400)
     torch.manual_seed(0)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
+    if dtype != torch.float32:
+        autocast = torch.autocast(device.type, dtype=dtype)
+    else:
+        autocast = torch.autocast(device.type, enabled=False)
     models = {"mm": Transformer(c).to(device), "transformers": hf_llama(c).to(device)}
     optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in models.items()}
     runners = {k: (torch.compile(m) if args.compile else m) for k, m in models.items()}
@@ -93,8 +96,8 @@ def main() -> None:
     tokens = args.batch * args.seq_len
     flops = flops_per_token(c, args.seq_len) * tokens
     peak = max(peaks)
-    result = {"preset": args.preset, "seq_len": args.seq_len, "batch": args.batch, "dtype": str(dtype), "device": str(device),
-              "compile": args.compile, "peak_matmul_tflops": round(peak / 1e12, 2)}
+    result = {"preset": args.preset, "seq_len": args.seq_len, "batch": args.batch, "dtype": str(dtype),
+              "device": str(device), "compile": args.compile, "peak_matmul_tflops": round(peak / 1e12, 2)}
     for name, ts in times.items():
         # The fastest round: on a shared machine, slower rounds measure the neighbours, not the code.
         t = min(ts)

@@ -1,4 +1,4 @@
-"""Must-show 3: the GGUF export runs in llama.cpp and continues a prompt exactly as `mm generate` does.
+"""The GGUF export runs in llama.cpp and continues a prompt exactly as `mm generate` does.
 
     python bench/gguf_check.py [CKPT ...] [--tokens 32]
 
@@ -48,7 +48,8 @@ def fabricate(root: Path) -> list[Path]:
     corpus.write_text("\n".join(lines) + "\n")
     train_tokenizer([corpus], root / "tok", vocab_size=1024)
     _, info = load_tokenizer(root / "tok")
-    files = {n: (root / "tok" / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")}
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    files = {n: (root / "tok" / n).read_text() for n in names}
     paths = []
     for name, preset in (("plain", "tiny"), ("qknorm", "minimind3")):
         config = build_config(preset, info["vocab_size"], {"dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
@@ -106,7 +107,8 @@ def check(ckpt: Path, work: Path, n_tokens: int) -> int:
         with torch.no_grad():
             ref = loaded.model(torch.tensor([mm_prompt + theirs[:-1]]))[0][0, len(mm_prompt) - 1 :].numpy()
         max_diff = float(np.abs(np.stack(their_logits) - ref).max()) if theirs else 0.0
-        match = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        same = min(len(ours), len(theirs))
+        match = next((i for i, (a, b) in enumerate(zip(ours[:same], theirs[:same], strict=True)) if a != b), same)
         shortest = min(shortest, match)
         print(f"{ckpt.parent.name:8s} arch={arch:6s} prompt={prompt[:24]!r:28s} mm={len(ours)} tokens, "
               f"llama.cpp matches {match}/{len(ours)}, max |Δlogit| {max_diff:.2e}")

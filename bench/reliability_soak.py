@@ -38,8 +38,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.resume import find_resumable
     from pipeline.corpus import write_sample
+    from pipeline.resume import find_resumable
     from pipeline.tokenize import tokenize_files
     from pipeline.tokenizer_training import train_tokenizer
 
@@ -68,7 +68,8 @@ def main() -> int:
     rng, out, kills = random.Random(args.seed), root / "out", 0
     while True:
         before = find_resumable(out, lambda m: None)["step"] if out.exists() and any(out.glob("step_*")) else 0
-        proc = subprocess.Popen(cmd(out), cwd=root, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(cmd(out), cwd=root, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                text=True)
         if kills < args.kills:
             want, seen, last = rng.randint(1, 4), 0, before
             for line in proc.stderr:

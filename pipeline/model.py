@@ -120,7 +120,8 @@ def use_matmul_attention(q, keys: int | None = None) -> bool:
     the flash kernel is faster, and on GPUs SDPA's kernels are the ones to use."""
     B, H, T, _ = q.shape
     scores = B * H * T * (keys or T)
-    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and scores <= CPU_MATMUL_ATTENTION_MAX_SCORES
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    return q.device.type == "cpu" and half and scores <= CPU_MATMUL_ATTENTION_MAX_SCORES
 
 
 def causal_attention_cpu(q, k, v):
@@ -195,7 +196,7 @@ def document_mask(doc_ids: torch.Tensor, tile: int = DOCUMENT_TILE) -> DocumentM
     doc_starts = t - document_positions(doc_ids)  # (B, T): first token of each token's document
     first_keys = doc_starts[:, ::tile].amin(dim=0).tolist()  # documents are contiguous: the tile's first query decides
     tiles = []
-    for q0, k0 in zip(range(0, T, tile), first_keys):
+    for q0, k0 in zip(range(0, T, tile), first_keys, strict=True):
         q1 = min(q0 + tile, T)
         allowed = (doc_ids[:, q0:q1, None] == doc_ids[:, None, k0:q1]) & (t[q0:q1, None] >= t[None, k0:q1])
         tiles.append((q0, q1, k0, allowed))
@@ -469,7 +470,8 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, cache, i)
         x = self.norm(x)
-        aux = sum((layer.mlp.aux_loss for layer in self.layers if isinstance(layer.mlp, MoE)), torch.zeros((), device=idx.device))
+        moe_losses = (layer.mlp.aux_loss for layer in self.layers if isinstance(layer.mlp, MoE))
+        aux = sum(moe_losses, torch.zeros((), device=idx.device))
         aux = aux * self.config.aux_loss_coef
         if targets is not None:
             return linear_cross_entropy(x.view(B * T, -1), self.embed_tokens.weight, targets.reshape(B * T)), aux

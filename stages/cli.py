@@ -13,7 +13,8 @@ import typer
 
 app = typer.Typer(
     name="mm",
-    help="Pretrain small language models as a chain of stages: sample → tokenizer → tokenize → config → train → export.",
+    help="Pretrain small language models as a chain of stages: "
+         "sample → tokenizer → tokenize → config → train → export.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -33,7 +34,8 @@ def _register() -> None:
     app.command("tokenize", help=tokenize_help)(tokenize)
     from stages import evaluate, export, generate
 
-    app.command("export", help="Export a checkpoint: Hugging Face directory (--format hf) or GGUF (--format gguf).")(export.export)
+    app.command("export", help="Export a checkpoint: Hugging Face directory (--format hf) or GGUF (--format gguf)."
+                )(export.export)
     app.command("generate", help="Stream a continuation of a prompt (checkpoint or export dir).")(generate.generate)
     app.command("eval", help="Val loss, perplexity, bits per byte; or benchmark tasks with --tasks.")(evaluate.evaluate)
     from stages import config, train
@@ -42,7 +44,8 @@ def _register() -> None:
     app.command("train", help="Pretrain: mixed precision, gradient accumulation, DDP/FSDP, exact resume.")(train.train)
     from stages import verify
 
-    app.command("verify", help="Check a token store, checkpoint or export byte for byte; exit 1 naming the first bad file.")(verify.verify)
+    app.command("verify", help="Check a token store, checkpoint or export byte for byte; "
+                                "exit 1 naming the first bad file.")(verify.verify)
 
 
 def main() -> None:

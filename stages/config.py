@@ -12,9 +12,11 @@ from stages.common import ParamsOption, SetOption, load
 
 def config(
     preset: Annotated[Optional[str], typer.Option(help="Architecture preset (default: params model.preset).")] = None,
-    tokenizer: Annotated[Path, typer.Option(help="Tokenizer dir; its vocabulary size sets the model's.")] = Path("data/tokenizer"),
+    tokenizer: Annotated[Path, typer.Option(help="Tokenizer dir; its vocabulary size sets the model's.")
+                         ] = Path("data/tokenizer"),
     out: Annotated[Path, typer.Option(help="Where to write the model config.")] = Path("data/model.json"),
-    seq_len: Annotated[Optional[int], typer.Option(help="Sequence length for the FLOPs figure (default: params train.seq_len).")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(
+        help="Sequence length for the FLOPs figure (default: params train.seq_len).")] = None,
     params: ParamsOption = Path("params.yaml"),
     sets: SetOption = None,
 ) -> None:
@@ -49,7 +51,8 @@ def config(
     table.add_row("vocabulary", f"{model_config.vocab_size}")
     table.add_row("parameters", f"{counts['total'] / 1e6:.2f}M (non-embedding {counts['non_embedding'] / 1e6:.2f}M)")
     if model_config.n_experts:
-        table.add_row("active per token", f"{counts['active'] / 1e6:.2f}M ({model_config.top_k} of {model_config.n_experts} experts)")
+        table.add_row("active per token",
+                      f"{counts['active'] / 1e6:.2f}M ({model_config.top_k} of {model_config.n_experts} experts)")
     table.add_row(f"train FLOPs/token @ {T}", f"{flops_per_token(model_config, T) / 1e6:.1f} MFLOP")
     if p.train.optimizer == "muon":
         step_flops = flops_per_token(model_config, T) * p.train.micro_batch_size * p.train.accumulation_steps * T

@@ -12,9 +12,12 @@ from stages.common import ParamsOption, SetOption, load
 
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to export.")] = Path("out/ckpt.pth"),
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (hf) or file (gguf; default export.gguf).")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="fp32 | bf16 | fp16 (default: params export.dtype).")] = None,
-    format: Annotated[str, typer.Option("--format", help="hf (transformers directory) or gguf (llama.cpp file).")] = "hf",
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Output directory (hf) or file (gguf; default export.gguf).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="fp32 | bf16 | fp16 (default: params export.dtype).")
+                     ] = None,
+    format: Annotated[str, typer.Option("--format", help="hf (transformers directory) or gguf (llama.cpp file).")
+                      ] = "hf",
     params: ParamsOption = Path("params.yaml"),
     sets: SetOption = None,
 ) -> None:

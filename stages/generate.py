@@ -16,7 +16,8 @@ def generate(
     temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature; 0 = greedy.")] = 0.8,
     top_k: Annotated[int, typer.Option("--top-k", help="Sample from the k likeliest tokens; 0 = all.")] = 50,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass; 1 = off.")] = 0.95,
-    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="CTRL penalty for tokens already seen; 1 = off.")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(
+        "--repetition-penalty", help="CTRL penalty for tokens already seen; 1 = off.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampler: same seed, same text.")] = 0,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, or auto.")] = "auto",
 ) -> None:
@@ -33,4 +34,5 @@ def generate(
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    print(f"{stats['new_tokens']} tokens in {stats['seconds']:.2f} s: {stats['tokens_per_second']:.1f} tokens/s", file=sys.stderr)
+    print(f"{stats['new_tokens']} tokens in {stats['seconds']:.2f} s: {stats['tokens_per_second']:.1f} tokens/s",
+          file=sys.stderr)

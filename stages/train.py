@@ -19,20 +19,26 @@ CLI_MODULE = "stages.cli"  # what each torchrun worker runs: this same `mm train
 
 def train(
     data: Annotated[Path, typer.Option(help="Token store written by `mm tokenize`.")] = Path("data/tokens.zarr"),
-    tokenizer: Annotated[Path, typer.Option(help="Tokenizer dir the store was tokenized with.")] = Path("data/tokenizer"),
+    tokenizer: Annotated[Path, typer.Option(help="Tokenizer dir the store was tokenized with.")
+                         ] = Path("data/tokenizer"),
     model: Annotated[Path, typer.Option(help="Model config written by `mm config`.")] = Path("data/model.json"),
-    resume: Annotated[str, typer.Option(help="auto (continue from out/ckpt.pth if present), none, or a checkpoint path.")] = "auto",
+    resume: Annotated[str, typer.Option(
+        help="auto (continue from out/ckpt.pth if present), none, or a checkpoint path.")] = "auto",
     allow_data_change: Annotated[bool, typer.Option(help="Resume even though the token store changed.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    gpus: Annotated[Optional[int], typer.Option(help="GPUs per node: relaunch under torchrun with one process each (NCCL); "
-                                                     "0 trains on the CPU (as --device cpu).")] = None,
-    procs: Annotated[int, typer.Option(help="Processes per node on the CPU (gloo), for testing the distributed path anywhere.")] = 0,
+    gpus: Annotated[Optional[int], typer.Option(
+        help="GPUs per node: relaunch under torchrun with one process each (NCCL); "
+             "0 trains on the CPU (as --device cpu).")] = None,
+    procs: Annotated[int, typer.Option(
+        help="Processes per node on the CPU (gloo), for testing the distributed path anywhere.")] = 0,
     nodes: Annotated[int, typer.Option(help="Number of nodes (multi-node: run the same command on each).")] = 1,
     node_rank: Annotated[int, typer.Option(help="This node's rank, 0 .. nodes-1.")] = 0,
     master_addr: Annotated[str, typer.Option(help="Address of node 0.")] = "127.0.0.1",
     master_port: Annotated[int, typer.Option(help="Port on node 0.")] = 29500,
-    rdzv_endpoint: Annotated[Optional[str], typer.Option(help="host:port of a c10d rendezvous (instead of master addr/port).")] = None,
-    dry_run: Annotated[bool, typer.Option(help="Print the launcher command and the per-rank batch split, then stop.")] = False,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option(
+        help="host:port of a c10d rendezvous (instead of master addr/port).")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        help="Print the launcher command and the per-rank batch split, then stop.")] = False,
     params: ParamsOption = Path("params.yaml"),
     sets: SetOption = None,
 ) -> None:
@@ -92,15 +98,17 @@ def _train(p, data, tokenizer, model, resume, allow_data_change, device, gpus, p
 
 
 def _train_here(p, data, tokenizer, model, resume, allow_data_change, device) -> None:
-    from pipeline.train import PREEMPTED_EXIT_CODE, Preempted, train as run_training
+    from pipeline.train import PREEMPTED_EXIT_CODE, Preempted
+    from pipeline.train import train as run_training
 
     try:
         metrics = run_training(p, data, tokenizer, model, resume, allow_data_change, device)
     except Preempted:
-        raise typer.Exit(PREEMPTED_EXIT_CODE)
+        raise typer.Exit(PREEMPTED_EXIT_CODE) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line from rank 0
         shown = {k: v for k, v in metrics.items() if v is not None and not isinstance(v, dict)}  # not per source
-        print("done: " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()), file=sys.stderr)
+        summary = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+        print("done: " + summary, file=sys.stderr)
 
 
 def _run_launcher(cmd: list[str]) -> int:
@@ -125,8 +133,8 @@ def _run_launcher(cmd: list[str]) -> int:
     if forwarded and code != 0:
         return PREEMPTED_EXIT_CODE if signal.SIGINT not in forwarded else 130
     if code != 0:
-        print(f"error: distributed training failed (torchrun exit code {code}); torchrun's report above names the failing "
-              "rank under 'Root Cause'; `--resume auto` continues from the last checkpoint", file=sys.stderr)
+        print(f"error: distributed training failed (torchrun exit code {code}); torchrun's report above names the "
+              "failing rank under 'Root Cause'; `--resume auto` continues from the last checkpoint", file=sys.stderr)
         return 1
     return 0
 

@@ -31,7 +31,7 @@ def test_export_of_a_non_checkpoint_says_so_in_one_clause(tmp_path):
 def test_tokenize_takes_a_tokenizer_json_file_and_names_a_bad_one(tiny_store, tmp_path):
     corpus = tmp_path / "small.jsonl"
     with open(tiny_store.corpus, encoding="utf-8") as f:
-        corpus.write_text("".join(line for _, line in zip(range(50), f)), encoding="utf-8")
+        corpus.write_text("".join(line for _, line in zip(range(50), f, strict=False)), encoding="utf-8")
     r = mm("tokenize", corpus, "--tokenizer", tiny_store.tokenizer / "tokenizer.json", "--out", tmp_path / "t.zarr",
            "--workers", "1")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -80,4 +80,5 @@ def test_lr_peaks_on_one_step_and_ends_at_min_lr(warmup, total):
     assert lrs.count(max(lrs)) == 1 and max(lrs) == tp.lr
     assert lrs.index(tp.lr) == max(warmup - 1, 0)
     assert lrs[-1] == tp.min_lr  # exactly, at the last step
-    assert all(a > b for a, b in zip(lrs[lrs.index(tp.lr):], lrs[lrs.index(tp.lr) + 1:]))  # decays all the way
+    peak = lrs.index(tp.lr)
+    assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1:], strict=False))  # decays all the way

@@ -55,7 +55,8 @@ def make_state(tokenizer_dir: Path, preset: str, overrides: dict, seed: int = 0)
     return dict(
         format="mm-checkpoint", version=1, step=7, model=model.state_dict(), optimizer={}, scaler=None, rng={},
         model_config=dataclasses.asdict(config), train_config={"seq_len": 64},
-        data={"tokenizer_sha256": info["fingerprint"], "store_fingerprint": "x", "vocab_size": info["vocab_size"], "seq_len": 64},
+        data={"tokenizer_sha256": info["fingerprint"], "store_fingerprint": "x", "vocab_size": info["vocab_size"],
+              "seq_len": 64},
         tokenizer=files, metrics={"train_loss": 6.5, "val_loss": 6.6, "tokens_seen": 4096},
     )
 
@@ -98,7 +99,8 @@ for name, d in dirs.items():
     ids = [[tok.bos_token_id] + tok(p).input_ids for p in prompts]
     with torch.no_grad():
         logits = [model(torch.tensor([x])).logits[0].tolist() for x in ids]
-    result[name] = {"class": type(model).__name__, "tied": model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr(),
+    tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    result[name] = {"class": type(model).__name__, "tied": tied,
                     "loading": {k: [str(x) for x in v] for k, v in info.items()}, "ids": ids, "logits": logits,
                     "decoded": [tok.decode(x[1:]) for x in ids]}
 json.dump(result, open(out, "w"))
@@ -106,7 +108,7 @@ json.dump(result, open(out, "w"))
 
 
 def test_export_loads_in_fresh_transformers_process_and_matches(exports, ckpts, tiny_store, tmp_path):
-    """Must-show 1 and 2: plain / QK-norm / MoE exports load with AutoModelForCausalLM and
+    """Plain / QK-norm / MoE exports load with AutoModelForCausalLM and
     AutoTokenizer in a new process (no remote code); logits match mm within 1e-4; the
     exported tokenizer encodes mixed text exactly as the training tokenizer."""
     from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
@@ -123,10 +125,11 @@ def test_export_loads_in_fresh_transformers_process_and_matches(exports, ckpts, 
         got = hf[name]
         assert got["class"] == VARIANTS[name][2]
         assert got["tied"], name
-        assert not any(got["loading"].get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), got["loading"]
+        problems = ("missing_keys", "unexpected_keys", "mismatched_keys")
+        assert not any(got["loading"].get(k) for k in problems), got["loading"]
         model = model_from_checkpoint(load_checkpoint(ckpt)).eval()
-        for prompt, ids, logits, decoded in zip(PROMPTS, got["ids"], got["logits"], got["decoded"]):
-            assert ids == [info["bos_id"]] + train_tok.encode(prompt).ids  # must-show 2
+        for prompt, ids, logits, decoded in zip(PROMPTS, got["ids"], got["logits"], got["decoded"], strict=True):
+            assert ids == [info["bos_id"]] + train_tok.encode(prompt).ids  # the tokenizer round trip
             assert decoded == prompt
             with torch.no_grad():
                 ours = model(torch.tensor([ids]))[0][0]
@@ -232,7 +235,7 @@ def test_incremental_decoding_keeps_multibyte_characters_whole(tiny_store):
 
 
 def test_generate_cli_same_seed_same_text(exports, ckpts):
-    """Must-show 4a: a fixed seed gives the same text twice (from an export and from a checkpoint)."""
+    """A fixed seed gives the same text twice (from an export and from a checkpoint)."""
     args = ["Once upon a time", "--max-new-tokens", "24", "--temperature", "1.0", "--top-k", "40",
             "--top-p", "0.9", "--repetition-penalty", "1.1"]
     runs = [mm("generate", model, *args, "--seed", 7) for model in (exports["plain"], exports["plain"])]
@@ -252,7 +255,7 @@ def test_generate_cli_same_seed_same_text(exports, ckpts):
 
 
 def test_eval_bits_per_byte_consistent(exports, ckpts, tiny_store, tmp_path):
-    """Must-show 4b: bits/byte = loss·tokens / (ln 2 · bytes), with bytes those of the scored text;
+    """Bits/byte = loss·tokens / (ln 2 · bytes), with bytes those of the scored text;
     a checkpoint and its export score the same."""
     from pipeline.token_store import open_store
     from pipeline.tokenizer import load_tokenizer
@@ -397,5 +400,6 @@ def test_permutation_turns_rotate_half_into_interleaved_rope():
         return torch.cat([a * c - b * s, a * s + b * c], dim=-1).reshape(heads, T, hd)
 
     ref = ours(wq) @ ours(wk).transpose(-1, -2)
-    got = interleaved(permute_for_llama_cpp(wq, heads)) @ interleaved(permute_for_llama_cpp(wk, heads)).transpose(-1, -2)
+    q, k = interleaved(permute_for_llama_cpp(wq, heads)), interleaved(permute_for_llama_cpp(wk, heads))
+    got = q @ k.transpose(-1, -2)
     assert torch.allclose(ref, got, atol=1e-5)

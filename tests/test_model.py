@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.architecture import build_config
 import pipeline.model as M
+from pipeline.architecture import build_config
 from pipeline.model import KVCache, Transformer, causal_attention_cpu, use_matmul_attention
 
 
@@ -30,7 +30,7 @@ def test_cpu_attention_matches_sdpa(heads, kv_heads, T):
     (ref * g).sum().backward()
 
     assert torch.allclose(ours, ref, atol=1e-5)
-    for mine, t in zip(our_grads, (q, k, v)):
+    for mine, t in zip(our_grads, (q, k, v), strict=True):
         assert torch.allclose(mine, t.grad, atol=1e-5)
 
     # In bf16 the scores are rounded before the softmax (as transformers' eager attention):
@@ -101,7 +101,7 @@ def test_masked_attention_matches_sdpa(half):
     (ref * g).sum().backward()
     tol = 0.05 if half else 1e-5
     assert (ours - ref).abs().max() < tol
-    for mine, t in zip(our_grads, (q, k, v)):
+    for mine, t in zip(our_grads, (q, k, v), strict=True):
         assert (mine - t.grad).abs().max() < tol * 4
 
 
@@ -212,4 +212,4 @@ def test_activation_checkpointing_gives_identical_gradients():
             (loss + aux).backward()
             results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
         assert results[0][0] == results[1][0]
-        assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+        assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))

@@ -75,7 +75,8 @@ def log_rows(path: Path) -> list[dict]:
     """train_log.tsv rows as exact strings, minus the wall-clock column."""
     lines = path.read_text().splitlines()
     header = lines[0].split("\t")
-    return [{k: v for k, v in zip(header, line.split("\t")) if k != "tokens_per_s"} for line in lines[1:] if line]
+    rows = [line.split("\t") for line in lines[1:] if line]
+    return [{k: v for k, v in zip(header, row, strict=False) if k != "tokens_per_s"} for row in rows]
 
 
 def load(path: Path) -> dict:
@@ -102,7 +103,7 @@ def _assert_equal_nested(x, y, where="optimizer") -> None:
             _assert_equal_nested(x[k], y[k], f"{where}.{k}")
     elif isinstance(x, (list, tuple)):
         assert len(x) == len(y), where
-        for i, (u, v) in enumerate(zip(x, y)):
+        for i, (u, v) in enumerate(zip(x, y, strict=True)):
             _assert_equal_nested(u, v, f"{where}[{i}]")
     else:
         assert x == y, where
@@ -425,7 +426,7 @@ def other_data(setup):
     root.mkdir()
     part = root / "part.jsonl"
     with open(setup.corpus, encoding="utf-8") as f:
-        part.write_text("".join(line for _, line in zip(range(1500), f)), encoding="utf-8")
+        part.write_text("".join(line for _, line in zip(range(1500), f, strict=False)), encoding="utf-8")
     train_tokenizer([part], root / "tokenizer", vocab_size=1024)
     tokenize_files([part], root / "tokenizer", root / "tok2.zarr", workers=1, val_fraction=0.05, progress=False)
     tokenize_files([part], setup.tokenizer, root / "part.zarr", workers=1, val_fraction=0.05, progress=False)
@@ -437,8 +438,8 @@ def test_resume_refuses_changed_model_tokenizer_or_store(setup, reference, other
     shutil.copytree(reference, out)
     more = ["train.max_steps=14"]
     wider = setup.cwd / "model96.json"
-    ok(mm("config", "--tokenizer", setup.tokenizer, "--out", wider, "--set", "model.dim=96", "--set", "model.n_layers=2",
-          cwd=setup.cwd))
+    ok(mm("config", "--tokenizer", setup.tokenizer, "--out", wider, "--set", "model.dim=96",
+          "--set", "model.n_layers=2", cwd=setup.cwd))
 
     # Hidden size and token store both changed: one line naming both fields.
     line = user_error(mm_train(setup, out, sets=more, model=wider, data=other_data / "part.zarr"),
@@ -681,7 +682,7 @@ def test_second_run_on_the_same_out_dir_is_refused_until_the_first_dies(setup, t
             if STEP_LINE.match(line):
                 break
         assert (out / ".lock").read_text().strip() == str(first.pid)
-        # How long this machine takes to start `mm train` at all (the interpreter, typer parsing the train
+        # How long the machine takes to start `mm train` at all (the interpreter, typer parsing the train
         # command's options): on a loaded machine that alone can exceed 2 s, and is not what is tested here.
         t0 = time.perf_counter()
         mm("train", "--help", cwd=setup.cwd)
