@@ -55,7 +55,8 @@ def child(setup: dict, variant: str, steps: int, dtype_name: str) -> dict:
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
     g = torch.Generator().manual_seed(1)
     B, T, V = setup["batch"], setup["seq_len"], setup["vocab"]
-    batches = [(torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)) for _ in range(steps)]
+    batches = [(torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g))
+               for _ in range(steps)]
     baseline = rss_mib()
 
     losses, times = [], []
@@ -108,9 +109,10 @@ def main() -> None:
         **{k: setup[k] for k in ("preset", "vocab", "seq_len", "batch")}, "dtype": args.dtype, "steps": args.steps,
         "variants": results,
         "peak_rss_ratio": round(b["peak_rss_mib"] / a["peak_rss_mib"], 3),
-        "peak_above_baseline_ratio": round((b["peak_rss_mib"] - b["rss_before_mib"]) / (a["peak_rss_mib"] - a["rss_before_mib"]), 3),
+        "peak_above_baseline_ratio": round((b["peak_rss_mib"] - b["rss_before_mib"])
+                                          / (a["peak_rss_mib"] - a["rss_before_mib"]), 3),
         "speed_ratio": round(a["step_s_median"] / b["step_s_median"], 3),
-        "max_loss_difference": max(abs(x - y) for x, y in zip(a["losses"], b["losses"])),
+        "max_loss_difference": max(abs(x - y) for x, y in zip(a["losses"], b["losses"], strict=True)),
     }
     print(json.dumps(summary, indent=2))
     if args.json:

@@ -179,7 +179,8 @@ class DocumentMask:
             allowed = self.tiles[tile][3]
             B, Tq, Tk = allowed.shape
             bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-            self.biases[key] = bias[:, None, None].expand(B, kv_heads, group, Tq, Tk).reshape(B * kv_heads, group * Tq, Tk)
+            expanded = bias[:, None, None].expand(B, kv_heads, group, Tq, Tk)
+            self.biases[key] = expanded.reshape(B * kv_heads, group * Tq, Tk)
         return self.biases[key]
 
 
