@@ -278,7 +278,8 @@ def test_truncated_newest_checkpoint_is_skipped(setup, reference, tmp_path):
     assert "step_00000012.pth: not an mm checkpoint (not a complete zip archive" in skipped[0], r.stderr
     assert f"resuming from {out / 'step_00000010.pth'} at step 10" in r.stderr
     assert_matches_reference(out, reference)  # steps 11-12 rerun to the same numbers
-    assert (out / "step_00000012.pth").stat().st_size == size  # rewritten whole
+    assert load(out / "step_00000012.pth")["step"] == 12  # rewritten whole (the truncated one is in quarantine/)
+    assert (out / "quarantine/step_00000012.pth").stat().st_size == size // 2
 
     # A flipped byte inside the tensor data (same size) fails the checksum or the zip check.
     from pipeline.checkpoint import load_checkpoint
