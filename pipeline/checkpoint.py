@@ -35,6 +35,9 @@ VERSION = 1
 LATEST = "ckpt.pth"
 STEP_FILE = re.compile(r"step_(\d+)\.pth$")
 
+# Optional, checksummed when present (a checkpoint without them still loads):
+#   trackers  {"run_name", "ids": {tracker: run id}} so a resume continues the same tracker runs
+OPTIONAL_KEYS = ("trackers",)
 CHECKPOINT_KEYS = (
     "format", "version", "step", "model", "optimizer", "scaler", "rng",
     "model_config", "train_config", "data", "tokenizer", "metrics",
@@ -43,7 +46,7 @@ CHECKPOINT_KEYS = (
 
 def checkpoint_state(
     step: int, model_state: dict, optimizer_state: dict, scaler, model_config, train_config,
-    data: dict, tokenizer: dict[str, str], metrics: dict,
+    data: dict, tokenizer: dict[str, str], metrics: dict, trackers: dict | None = None,
 ) -> dict:
     """What a checkpoint holds (one entry per CHECKPOINT_KEYS; `save_checkpoint` adds the checksum).
 
@@ -57,9 +60,10 @@ def checkpoint_state(
     data                 tokenizer_sha256, store_fingerprint, vocab_size, seq_len, global_batch
     tokenizer            {file name: text} of the tokenizer directory, so export needs nothing else
     metrics              train_loss, val_loss, tokens_seen, skipped_steps, ...
+    trackers             (optional, see OPTIONAL_KEYS) the tracker runs to continue on resume
     checksum             sha256 over everything above (added when saved)
     """
-    return {
+    state = {
         "format": FORMAT, "version": VERSION, "step": step,
         "model": model_state, "optimizer": optimizer_state,
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -67,6 +71,9 @@ def checkpoint_state(
         "model_config": dataclasses.asdict(model_config), "train_config": dataclasses.asdict(train_config),
         "data": data, "tokenizer": tokenizer, "metrics": metrics,
     }
+    if trackers:
+        state["trackers"] = trackers
+    return state
 
 
 def step_path(out_dir: Path, step: int) -> Path:
@@ -78,7 +85,7 @@ def save_checkpoint(state: dict, out_dir: Path, keep_last: int, require_finite: 
 
     require_finite: refuse (UserError) when the model or optimizer state holds NaN or inf,
     found while hashing (one pass over the tensors instead of two)."""
-    state = {k: state[k] for k in CHECKPOINT_KEYS}
+    state = _covered(state)
     nonfinite: list[str] = []
     state["checksum"] = state_digest(state, nonfinite if require_finite else None)
     bad = [name for name in nonfinite if name.startswith(("model", "optimizer"))]
@@ -217,7 +224,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     missing = [k for k in CHECKPOINT_KEYS if k not in state]
     if missing:
         raise CheckpointCorrupt(f"{path}: checkpoint lacks field(s) {', '.join(missing)}")
-    if state.get("checksum") != state_digest({k: state[k] for k in CHECKPOINT_KEYS}):
+    if state.get("checksum") != state_digest(_covered(state)):
         raise CheckpointCorrupt(f"{path}: checksum mismatch, the file is corrupt")
     return state
 
@@ -254,6 +261,11 @@ def all_finite(state) -> bool:
     if isinstance(state, (list, tuple)):
         return all(all_finite(v) for v in state)
     return not isinstance(state, float) or math.isfinite(state)
+
+
+def _covered(state: dict) -> dict:
+    """The fields the checksum covers: every required key, and the optional ones present."""
+    return {k: state[k] for k in (*CHECKPOINT_KEYS, *OPTIONAL_KEYS) if k in state}
 
 
 def state_digest(obj, nonfinite: list[str] | None = None) -> str:

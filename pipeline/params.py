@@ -25,6 +25,7 @@ from pipeline.errors import UserError
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 Compile = Literal["auto", True, False]
 ExportDtype = Literal["fp32", "bf16", "fp16"]
+Tracker = Literal["tensorboard", "wandb", "swanlab"]  # pipeline/trackers.py has one class each
 
 
 class ParamError(UserError):
@@ -151,6 +152,9 @@ class TrainParams:
     """On a non-finite loss or grad norm: skip the step (up to max_skips times) or abort."""
     max_skips: int = 10
     """Non-finite steps tolerated under nonfinite=skip before the run aborts."""
+    trackers: list[Tracker] = field(default_factory=list)
+    """Experiment trackers to stream metrics to (rank 0): tensorboard, wandb, swanlab; each an optional
+    extra (`pip install 'mm[wandb]'`), offline unless configured online. `--set train.trackers=tensorboard,wandb`."""
 
     @property
     def document_positions(self) -> bool:
@@ -186,6 +190,15 @@ class TrainParams:
             raise ParamError("train.muon_lr", f"must be positive, got {self.muon_lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise ParamError("train.min_lr", f"must be in [0, train.lr ({self.lr})], got {self.min_lr}")
+
+
+@dataclass
+class TrackingParams:
+    project: str = ""
+    """Project name in the trackers; empty means the current directory's name."""
+    run_name: str = ""
+    """Run name in the trackers; empty means train.out_dir's name and the start time. A resumed run keeps
+    the name and run ids stored in its checkpoint."""
 
 
 @dataclass
@@ -234,6 +247,7 @@ class Params:
     tokenizer: TokenizerParams = field(default_factory=TokenizerParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
     export: ExportParams = field(default_factory=ExportParams)
     eval: EvalParams = field(default_factory=EvalParams)
     bench: BenchParams = field(default_factory=BenchParams)
@@ -335,6 +349,15 @@ def _coerce(value, annotation, name: str, source: str):
             shown = ", ".join(str(c).lower() if isinstance(c, bool) else c for c in choices)
             raise UserError(f"{source}: '{name}' must be one of {shown}, got {value!r}")
         return value
+    if typing.get_origin(annotation) is list:
+        # A YAML list, or one comma-separated string (what `--set key=a,b` gives); each item checked.
+        if value is None or value == "":
+            return []
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise UserError(f"{source}: '{name}' must be a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_coerce(item, item_type, name, source) for item in items]
     expected = annotation
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

@@ -32,6 +32,7 @@ from pipeline.progress import TRAIN_COLUMNS, VAL_COLUMNS, Display, MetricLog
 from pipeline.resume import pick_checkpoint
 from pipeline.tokenizer import TOKENIZER_FILES, load_tokenizer
 from pipeline.train_data import TrainData, open_train_data
+from pipeline.tracking import Trackers
 
 
 @dataclass
@@ -80,6 +81,9 @@ class Run:
     mfu: float = 0.0  # of the last step, rank 0
     nan_steps: set[int] = field(default_factory=set)
     nan_grad_steps: set[int] = field(default_factory=set)
+    # experiment trackers (pipeline/tracking.py): empty unless train.trackers names some, on rank 0
+    tracker_state: dict | None = None  # the resumed checkpoint's "trackers": the runs to continue
+    trackers: Trackers = field(default_factory=Trackers)
 
     @property
     def global_batch(self) -> int:
@@ -161,6 +165,7 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
         run.skipped = checkpoint["metrics"].get("skipped_steps", 0)
         run.loss = checkpoint["metrics"].get("train_loss", run.loss)
         run.val_loss = checkpoint["metrics"].get("val_loss") or float("nan")
+        run.tracker_state = checkpoint.get("trackers")
         run.note(f"resuming from {checkpoint['path']} at step {run.start_step}")
         del checkpoint
     # Every rank reads the checkpoint itself, so all must see the same one (a shared out_dir).

@@ -35,6 +35,7 @@ from pipeline.progress import write_metrics
 from pipeline.run_setup import Run, StopRequest, open_outputs, setup
 from pipeline.token_guard import check_token_ids
 from pipeline.train_data import evaluate_sources, source_weights
+from pipeline.tracking import check_trackers, finish_trackers, open_trackers, peak_memory_mb
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; rerun to resume
 
@@ -63,6 +64,7 @@ def train(
     """Run (or continue) training; returns the final metrics. Raises UserError or Preempted."""
     tp = params.train
     check_params(params)  # also when params were built in code, not loaded
+    check_trackers(tp.trackers)  # a tracker that is not installed is named before any work
     requested = device or ("cuda" if torch.cuda.is_available() else "cpu")
     world = distributed.init_world("cuda" if requested in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
     with ExitStack() as cleanup:  # undone in reverse order, however the run ends
@@ -77,6 +79,7 @@ def train(
                      "(--resume none starts over)")
             return {"steps": run.start_step, "train_loss": run.loss, "val_loss": run.val_loss}
         open_outputs(run, cleanup)
+        open_trackers(run, params, cleanup)
         return run_loop(run)
 
 
@@ -95,8 +98,10 @@ def run_loop(run: Run) -> dict:
             losses = evaluate_sources(run.raw_model, run.data, tp, run.device, run.autocast)
             run.val_loss, run.val_losses = losses.pop(""), losses
             if run.world.is_main:
-                run.val_log.write(step=step, val_loss=run.val_loss,
-                                  **{f"val_loss/{n}": losses.get(n, math.nan) for n in run.data.names})
+                row = {"step": step, "val_loss": run.val_loss,
+                       **{f"val_loss/{n}": losses.get(n, math.nan) for n in run.data.names}}
+                run.val_log.write(**row)
+                run.trackers.log_row(step, "val", row)
                 run.display.val_loss = run.val_loss
 
         # ------------------------------------------------------------------ checkpoint
@@ -196,11 +201,14 @@ def log_step(run: Run, stats: StepStats) -> None:
     run.tokens_per_s = run.tokens_per_step / (time.perf_counter() - stats.started)
     run.mfu = run.flops_per_token * run.tokens_per_s / run.peak_flops
     counted = run.sync_counter is not None or not run.world.distributed  # FSDP's syncs are not counted
-    run.train_log.write(step=stats.step, loss=stats.loss, lr=stats.lr, grad_norm=stats.grad_norm,
-                        tokens=stats.step * run.tokens_per_step, tokens_per_s=round(run.tokens_per_s, 1),
-                        skipped=run.skipped, grad_syncs=stats.grad_syncs if counted else float("nan"),
-                        **{f"tokens/{n}": t for n, t in run.data.tokens_seen(stats.step, run.global_batch).items()})
+    row = {"step": stats.step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
+           "tokens": stats.step * run.tokens_per_step, "tokens_per_s": round(run.tokens_per_s, 1),
+           "skipped": run.skipped, "grad_syncs": stats.grad_syncs if counted else float("nan"),
+           **{f"tokens/{n}": t for n, t in run.data.tokens_seen(stats.step, run.global_batch).items()}}
+    run.train_log.write(**row)
     run.display.step(stats.step, stats.loss, stats.lr, stats.grad_norm, run.tokens_per_s, run.mfu)
+    if run.trackers:  # the same row, and what only the trackers get
+        run.trackers.log_row(stats.step, "train", row, mfu=run.mfu, peak_memory_mb=peak_memory_mb(run.device))
 
 
 def save(run: Run, step: int) -> None:
@@ -211,8 +219,9 @@ def save(run: Run, step: int) -> None:
         try:
             metrics = {"train_loss": run.loss, "val_loss": None if math.isnan(run.val_loss) else run.val_loss,
                        "tokens_seen": step * run.tokens_per_step, "skipped_steps": run.skipped}
+            run.trackers.flush()  # what the checkpoint covers is handed to the trackers first
             state = checkpoint_state(step, model_state, optimizer_state, run.scaler, run.model_config, run.tp,
-                                     run.fingerprints, run.tokenizer_files, metrics)
+                                     run.fingerprints, run.tokenizer_files, metrics, run.trackers.state())
             save_checkpoint(state, run.out_dir, run.tp.keep_last, require_finite=True)  # checked while hashing
         except UserError as e:
             failure = str(e)
@@ -238,6 +247,7 @@ def finish(run: Run, step: int, elapsed: float) -> dict:
     if run.world.is_main:
         write_metrics(run.out_dir / "metrics.json", metrics)
         write_loss_png(run.out_dir)  # the logs are flushed row by row; the cleanup closes them
+        finish_trackers(run, step, metrics)
     return metrics
 
 
