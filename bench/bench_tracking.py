@@ -50,14 +50,18 @@ def extract(rev: str, into: Path) -> Path:
     return into
 
 
-def make_data(work: Path) -> dict[str, Path]:
-    """The demo chain on the embedded corpus: sample, tokenizer, store, tiny model.json."""
+def make_data(work: Path, vocab_size: int) -> dict[str, Path]:
+    """The demo chain on the embedded corpus: sample, tokenizer, store, tiny model.json (kept in --data-dir)."""
     mm = [sys.executable, "-m", "stages.cli"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for args in (["sample", "sample.jsonl"], ["tokenizer", "sample.jsonl", "--out", "tokenizer"],
-                 ["tokenize", "sample.jsonl", "--tokenizer", "tokenizer", "--out", "tokens.zarr"],
-                 ["config", "--tokenizer", "tokenizer", "--out", "model.json"]):
-        subprocess.run(mm + args, cwd=work, env=env, check=True, capture_output=True)
+    work.mkdir(parents=True, exist_ok=True)
+    steps = {"sample.jsonl": ["sample", "sample.jsonl"],
+             "tokenizer": ["tokenizer", "sample.jsonl", "--out", "tokenizer", "--vocab-size", str(vocab_size)],
+             "tokens.zarr": ["tokenize", "sample.jsonl", "--tokenizer", "tokenizer", "--out", "tokens.zarr"],
+             "model.json": ["config", "--tokenizer", "tokenizer", "--out", "model.json"]}
+    for made, args in steps.items():
+        if not (work / made).exists():
+            subprocess.run(mm + args, cwd=work, env=env, check=True, capture_output=True)
     return {"data": work / "tokens.zarr", "tokenizer": work / "tokenizer", "model": work / "model.json"}
 
 
@@ -85,12 +89,15 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--vocab-size", type=int, default=6400)
+    ap.add_argument("--data-dir", type=Path, help="keep the token store here and reuse it (default: a temp dir)")
     args = ap.parse_args()
     base = args.base or default_base()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        variants = {"base": (extract(base, work / "base"), None), "none": (REPO, ""), "tensorboard": (REPO, "tensorboard")}
-        paths = make_data(work)
+        variants = {"base": (extract(base, work / "base"), None), "none": (REPO, ""),
+                    "tensorboard": (REPO, "tensorboard")}
+        paths = make_data(args.data_dir or work / "data", args.vocab_size)
         speeds: dict[str, list[float]] = {name: [] for name in variants}
         for r in range(args.rounds):
             for name, (code, trackers) in variants.items():

@@ -128,7 +128,8 @@ class TensorBoard(Tracker):
         self.writer.flush()
 
     def finish(self, summary):
-        self.writer.add_text("final_metrics", _as_markdown(summary), summary.get("steps", 0))
+        if summary:  # empty when the run stopped early (preempted, failed)
+            self.writer.add_text("final_metrics", _as_markdown(summary), summary.get("steps", 0))
         self.writer.close()
 
 
@@ -208,7 +209,8 @@ class SwanLab(Tracker):
 
     def finish(self, summary):
         final = {f"final/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
-        self.run.log(final, step=summary.get("steps") or 0)
+        if final:
+            self.run.log(final, step=summary.get("steps") or 0)
         with redirect_stdout(sys.stderr):
             self.run.finish()
 

@@ -228,9 +228,9 @@ def mm_version() -> dict:
     repo = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip()
+                                timeout=10, check=False).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", ""
     info["commit"] = commit or None

@@ -34,8 +34,8 @@ from pipeline.plots import write_loss_png
 from pipeline.progress import write_metrics
 from pipeline.run_setup import Run, StopRequest, open_outputs, setup
 from pipeline.token_guard import check_token_ids
-from pipeline.train_data import evaluate_sources, source_weights
 from pipeline.tracking import check_trackers, finish_trackers, open_trackers, peak_memory_mb
+from pipeline.train_data import evaluate_sources, source_weights
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; rerun to resume
 

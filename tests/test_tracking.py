@@ -25,12 +25,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from tracker_files import (
+    swanlab_history,
+    swanlab_runs,
+    swanlab_texts,
+    tensorboard_history,
+    tensorboard_texts,
+    wandb_history,
+    wandb_runs,
+)
 
 from pipeline.errors import UserError
 from pipeline.progress import read_log
-from tracker_files import (
-    swanlab_history, swanlab_runs, swanlab_texts, tensorboard_history, tensorboard_texts, wandb_history, wandb_runs,
-)
 
 MM = str(Path(sys.executable).parent / "mm")
 ALL = "tensorboard,wandb,swanlab"
@@ -154,8 +160,9 @@ def test_unknown_or_missing_tracker_is_one_line_before_any_work(tmp_path, monkey
 
     from pipeline.tracking import check_trackers
 
-    r = subprocess.run([MM, "train", "--data", str(tmp_path / "nothing.zarr"), "--set", "train.trackers=tensorboard,mlflow"],
-                       cwd=tmp_path, capture_output=True, text=True)
+    r = subprocess.run([MM, "train", "--data", str(tmp_path / "nothing.zarr"),
+                        "--set", "train.trackers=tensorboard,mlflow"], cwd=tmp_path, capture_output=True, text=True,
+                       check=False)
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "'train.trackers' must be one of tensorboard, wandb, swanlab, got 'mlflow'" in r.stderr
     real = importlib.util.find_spec
