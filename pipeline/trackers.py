@@ -155,7 +155,7 @@ class WandB(Tracker):
             project=os.environ.get("WANDB_PROJECT") or self.project, name=self.run_name,
             id=run_id or new_run_id(), resume="allow", dir=str(base), config=self.config,
             mode=None if os.environ.get("WANDB_MODE") else "offline",
-            settings=wandb.Settings(quiet=True, console="off", x_disable_stats=True),
+            settings=wandb.Settings(quiet=True, console="off"),  # mm prints its own progress
         )
         return self.run.id, fresh
 
