@@ -31,8 +31,8 @@ from pipeline.params import TrainParams
 from pipeline.progress import TRAIN_COLUMNS, VAL_COLUMNS, Display, MetricLog
 from pipeline.resume import pick_checkpoint
 from pipeline.tokenizer import TOKENIZER_FILES, load_tokenizer
-from pipeline.train_data import TrainData, open_train_data
 from pipeline.tracking import Trackers
+from pipeline.train_data import TrainData, open_train_data
 
 
 @dataclass
