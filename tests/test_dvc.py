@@ -89,11 +89,11 @@ def test_dvc_repro_reruns_exactly_what_changed(tmp_path):
     # editing it makes training stale, and nothing upstream. `dvc status` runs nothing.
     before = (project / "params.yaml").read_text()
     _set_params(project, lambda p: p["train"].update(max_skips=3))
-    stale = _dvc(project, "status")
+    stale = _dvc(project, "status", "dvc.yaml")
     stale_stages = {line[:-1] for line in stale.splitlines() if line[:1].strip() and line.endswith(":")}
     assert stale_stages == {"train"} and "params.yaml" in stale, stale  # DVC says: modified `train` section
     (project / "params.yaml").write_text(before)
-    assert "up to date" in _dvc(project, "status")
+    assert "up to date" in _dvc(project, "status", "dvc.yaml")
 
     # 2. Only train keys changed (lr, and the document attention and checkpointing modes, which
     #    train with them): train, export and eval rerun; nothing upstream does. The same for a
