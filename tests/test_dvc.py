@@ -112,7 +112,7 @@ def test_dvc_repro_reruns_exactly_what_changed(tmp_path):
     assert _ran(_dvc(project, "repro")) == ALL_STAGES - {"sample"}
 
     # 4. Metrics and plots: the figures are there, and the loss fell.
-    metrics = json.loads(_dvc(project, "metrics", "show", "--json"))
+    metrics = json.loads(_dvc(project, "metrics", "show", "--json", "out/metrics.json", "out/eval.json"))
     figures = next(iter(metrics.values()))["data"]
     train_metrics, eval_metrics = figures["out/metrics.json"]["data"], figures["out/eval.json"]["data"]
     for key in ("train_loss", "val_loss", "val_perplexity", "tokens_seen", "tokens_per_s"):

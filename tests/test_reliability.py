@@ -429,8 +429,8 @@ def other_data(setup):
     with open(setup.corpus, encoding="utf-8") as f:
         part.write_text("".join(line for _, line in zip(range(1500), f, strict=False)), encoding="utf-8")
     train_tokenizer([part], root / "tokenizer", vocab_size=1024)
-    tokenize_files([part], root / "tokenizer", root / "tok2.zarr", workers=1, val_fraction=0.05, progress=False)
-    tokenize_files([part], setup.tokenizer, root / "part.zarr", workers=1, val_fraction=0.05, progress=False)
+    tokenize_files([part], root / "tokenizer", root / "tok2.zarr", source="sample", workers=1, val_fraction=0.05, progress=False)
+    tokenize_files([part], setup.tokenizer, root / "part.zarr", source="sample", workers=1, val_fraction=0.05, progress=False)
     return root
 
 
@@ -485,7 +485,7 @@ def test_store_corruption_detected_on_open(setup, tmp_path, damage, needle):
 
     store = tmp_path / "tokens.zarr"
     shutil.copytree(setup.store, store)
-    part = open_store(store).path  # the copy itself is fine; its one part is what gets damaged
+    part = next(store.glob("*/part-00000-of-00001"))  # the copy itself is fine; its one part is what gets damaged
     damage(part)
     with pytest.raises(UserError, match=re.escape(str(part / needle))):
         open_store(store)
