@@ -429,8 +429,10 @@ def other_data(setup):
     with open(setup.corpus, encoding="utf-8") as f:
         part.write_text("".join(line for _, line in zip(range(1500), f, strict=False)), encoding="utf-8")
     train_tokenizer([part], root / "tokenizer", vocab_size=1024)
-    tokenize_files([part], root / "tokenizer", root / "tok2.zarr", source="sample", workers=1, val_fraction=0.05, progress=False)
-    tokenize_files([part], setup.tokenizer, root / "part.zarr", source="sample", workers=1, val_fraction=0.05, progress=False)
+    tokenize_files([part], root / "tokenizer", root / "tok2.zarr", source="sample", workers=1,
+                   val_fraction=0.05, progress=False)
+    tokenize_files([part], setup.tokenizer, root / "part.zarr", source="sample", workers=1,
+                   val_fraction=0.05, progress=False)
     return root
 
 
