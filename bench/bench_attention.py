@@ -10,8 +10,8 @@ neighbours, not the code):
   kernels   attention alone (forward + backward) at minimind2-small's head shape:
             causal (the model's path), and document attention as one masked SDPA
             call, one masked matmul call, and tiles of 128/256/512 queries
-            (pipeline.model.document_attention; the kernel inside a tile by
-            pipeline.model.use_matmul_attention)
+            (pipeline.doc_attention.document_attention; the kernel inside a tile by
+            pipeline.cpu_attention.use_matmul_attention)
   steps     whole training steps of minimind2-small (forward, backward, AdamW),
             causal vs document attention with document positions, tokens/s
 
@@ -29,6 +29,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+import pipeline.cpu_attention as C
+import pipeline.doc_attention as D
 import pipeline.model as M
 from pipeline.architecture import build_config
 from pipeline.hardware import resolve_dtype
@@ -57,15 +59,16 @@ def packed_doc_ids(lengths: np.ndarray, batch: int, seq_len: int, seed: int) -> 
 
 @contextmanager
 def patched(**values):
-    """Set pipeline.model constants for one variant (tile size, matmul-vs-SDPA threshold)."""
-    old = {k: getattr(M, k) for k in values}
+    """Set the constants of one variant: doc_attention's tile size, cpu_attention's matmul-vs-SDPA threshold."""
+    holder = {name: next(m for m in (C, D) if hasattr(m, name)) for name in values}
+    old = {k: getattr(holder[k], k) for k in values}
     for k, v in values.items():
-        setattr(M, k, v)
+        setattr(holder[k], k, v)
     try:
         yield
     finally:
         for k, v in old.items():
-            setattr(M, k, v)
+            setattr(holder[k], k, v)
 
 
 def kernel_variants(T: int) -> dict:
@@ -95,9 +98,9 @@ def time_kernels(c, doc_ids, dtype, rounds: int) -> dict:
 
     def run(use_mask):
         if use_mask:
-            y = M.document_attention(q, k, v, M.document_mask(doc_ids))
-        elif M.use_matmul_attention(q):
-            y = M.causal_attention_cpu(q, k, v)
+            y = D.document_attention(q, k, v, D.document_mask(doc_ids))
+        elif C.use_matmul_attention(q):
+            y = C.causal_attention_cpu(q, k, v)
         else:
             y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         y.sum().backward()

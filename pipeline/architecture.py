@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 from pipeline import atomic
+from pipeline.cpu_attention import CPU_MATMUL_ATTENTION_MAX_SCORES
 from pipeline.errors import UserError
-from pipeline.model import CPU_MATMUL_ATTENTION_MAX_SCORES, ModelConfig
+from pipeline.model import ModelConfig
 
 # Shapes from MiniMind (README "Model Structure") and its successors; vocab comes from the tokenizer.
 PRESETS: dict[str, dict] = {
@@ -225,10 +226,10 @@ def loss_bytes(tokens: int, vocab: int, e: int) -> int:
 
 
 def fused_loss_bytes(tokens: int, c: ModelConfig, e: int) -> int:
-    """pipeline.model.LinearCrossEntropy: the gradients for the head's input (fp32) and weight (fp32) are
+    """pipeline.fused_loss.LinearCrossEntropy: the gradients for the head's input (fp32) and weight (fp32) are
     formed in the forward and kept; while forming them, one chunk of fp32 logits (and its e-byte copy),
     the e-byte weight and an e-byte (vocab × dim) product per chunk."""
-    from pipeline.model import LOSS_CHUNK_ELEMENTS
+    from pipeline.fused_loss import LOSS_CHUNK_ELEMENTS
 
     chunk = min(tokens * c.vocab_size, max(1, LOSS_CHUNK_ELEMENTS // c.vocab_size) * c.vocab_size)
     return 4 * tokens * c.dim + 4 * c.vocab_size * c.dim + (4 + e) * chunk + 2 * e * c.vocab_size * c.dim

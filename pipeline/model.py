@@ -1,13 +1,16 @@
 """A decoder-only transformer in the MiniMind / Llama / Qwen3 family.
 
 Read top to bottom: config, RMSNorm, RoPE, attention (grouped-query, through
-scaled_dot_product_attention; on the CPU in bf16/fp16, when the scores are
-small, the same math as three batched matmuls, which is faster there),
-document attention (tokens of a packed window attend only within their own
-document), SwiGLU MLP, mixture of experts, block, the loss (cross-entropy
-fused with the output head, a chunk of rows at a time), model.
-Pure torch: nothing here imports the rest of the project, so parallelism,
-precision and compilation are applied from outside (see pipeline/train.py).
+scaled_dot_product_attention), SwiGLU MLP, mixture of experts, block, model.
+Three pieces live in their own pure-torch modules: the CPU matmul attention
+kernels (pipeline/cpu_attention.py: in bf16/fp16 with small scores, the same
+math as three batched matmuls, which is faster there), document attention
+(pipeline/doc_attention.py: tokens of a packed window attend only within their
+own document) and the loss (pipeline/fused_loss.py: cross-entropy fused with
+the output head, a chunk of rows at a time).
+Pure torch: these four modules import only torch, the stdlib and one another
+(tests/test_layout.py checks it), so parallelism, precision and compilation
+are applied from outside (see pipeline/train.py).
 
 The parameter names and math match Hugging Face's Llama / Qwen3 / Mixtral
 implementations so that export is a renaming table, not a conversion.
@@ -16,12 +19,16 @@ implementations so that export is a renaming table, not a conversion.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from pipeline.cpu_attention import causal_attention_cpu, use_matmul_attention
+from pipeline.doc_attention import DocumentMask, document_attention, document_mask, document_positions
+from pipeline.fused_loss import linear_cross_entropy
 
 
 @dataclass
@@ -97,134 +104,9 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
-def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
-    """RoPE positions that restart at 0 wherever doc_ids (B, T) changes: (B, T) int64."""
-    t = torch.arange(doc_ids.size(1), device=doc_ids.device).expand_as(doc_ids)
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    return t - torch.where(starts, t, 0).cummax(dim=1).values
-
-
 # ---------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------
-
-# Largest B·H·Tq·Tk score tensor worth materialising (kept for backward: 64 MiB per layer
-# in bf16); beyond it the flash kernel's O(T) memory wins. Batch 4 × 8 heads × 512² = 8M.
-CPU_MATMUL_ATTENTION_MAX_SCORES = 2**25
-
-
-def use_matmul_attention(q, keys: int | None = None) -> bool:
-    """Half precision on a CPU with small scores: there torch's CPU flash kernel is the slower
-    choice (34 % of a minimind2-small step for 14 % of its FLOPs; docs/training.md). In fp32
-    the flash kernel is faster, and on GPUs SDPA's kernels are the ones to use."""
-    B, H, T, _ = q.shape
-    scores = B * H * T * (keys or T)
-    half = q.dtype in (torch.bfloat16, torch.float16)
-    return q.device.type == "cpu" and half and scores <= CPU_MATMUL_ATTENTION_MAX_SCORES
-
-
-def causal_attention_cpu(q, k, v):
-    """Causal grouped-query attention as three batched matmuls: q (B, H, T, hd), k, v (B, KV, T, hd).
-
-    The matmuls run at matmul speed (AMX), and the causal mask rides along as
-    the additive input of baddbmm. Each KV head's query heads are stacked along
-    the rows, so K and V are never repeated (query head h uses KV head h // G,
-    as SDPA's enable_gqa). tests/test_model.py pins it to SDPA.
-    """
-    B, H, T, hd = q.shape
-    KV = k.size(1)
-    group = H // KV
-    mask = torch.full((T, T), float("-inf"), device=q.device, dtype=q.dtype).triu(1).repeat(group, 1)  # (G·T, T)
-    scores = torch.baddbmm(mask, q.reshape(B * KV, group * T, hd), k.reshape(B * KV, T, hd).transpose(1, 2),
-                           alpha=hd**-0.5)  # (B·KV, G·T, T)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.bmm(probs, v.reshape(B * KV, T, hd)).view(B, H, T, hd)
-
-
-def masked_attention_cpu(q, k, v, bias):
-    """The same matmuls under a per-row mask: q (B, H, Tq, hd), k, v (B, KV, Tk, hd), bias the
-    additive mask laid out like the scores, (B·KV, G·Tq, Tk) (DocumentMask.bias builds it)."""
-    B, H, Tq, hd = q.shape
-    KV, Tk = k.size(1), k.size(2)
-    scores = torch.baddbmm(bias, q.reshape(B * KV, H // KV * Tq, hd), k.reshape(B * KV, Tk, hd).transpose(1, 2),
-                           alpha=hd**-0.5)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.bmm(probs, v.reshape(B * KV, Tk, hd)).view(B, H, Tq, hd)
-
-
-# Query rows per tile of document attention without FlexAttention. A tile's keys start at the
-# document of its first query, so when documents are shorter than the window most of the causal
-# triangle is never computed (docs/training.md measures the tile size).
-DOCUMENT_TILE = 256
-
-
-@dataclass
-class DocumentMask:
-    """Where tokens may attend when each attends only to earlier tokens of its own document.
-
-    Built once per forward from doc_ids (B, T), a document number per token, and
-    shared by the layers: either FlexAttention's BlockMask (CUDA), or tiles of
-    queries (first, end, first key, allowed (B, end - first, end - first key) bool).
-    """
-
-    tiles: list[tuple[int, int, int, torch.Tensor]]
-    block_mask: object = None
-    biases: dict = field(default_factory=dict)
-
-    def bias(self, tile: int, dtype, kv_heads: int, group: int) -> torch.Tensor:
-        """Tile's additive mask (0 / -inf) laid out like masked_attention_cpu's scores; made once per forward."""
-        key = (tile, dtype, kv_heads, group)
-        if key not in self.biases:
-            allowed = self.tiles[tile][3]
-            B, Tq, Tk = allowed.shape
-            bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-            expanded = bias[:, None, None].expand(B, kv_heads, group, Tq, Tk)
-            self.biases[key] = expanded.reshape(B * kv_heads, group * Tq, Tk)
-        return self.biases[key]
-
-
-def document_mask(doc_ids: torch.Tensor, tile: int = DOCUMENT_TILE) -> DocumentMask:
-    B, T = doc_ids.shape
-    if doc_ids.device.type == "cuda":
-        from torch.nn.attention.flex_attention import create_block_mask  # CUDA only: CPU flex has no backward
-
-        def same_document_causal(b, h, q, k):
-            return (k <= q) & (doc_ids[b, q] == doc_ids[b, k])
-
-        return DocumentMask([], create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device))
-    t = torch.arange(T, device=doc_ids.device)
-    doc_starts = t - document_positions(doc_ids)  # (B, T): first token of each token's document
-    first_keys = doc_starts[:, ::tile].amin(dim=0).tolist()  # documents are contiguous: the tile's first query decides
-    tiles = []
-    for q0, k0 in zip(range(0, T, tile), first_keys, strict=True):
-        q1 = min(q0 + tile, T)
-        allowed = (doc_ids[:, q0:q1, None] == doc_ids[:, None, k0:q1]) & (t[q0:q1, None] >= t[None, k0:q1])
-        tiles.append((q0, q1, k0, allowed))
-    return DocumentMask(tiles)
-
-
-_compiled_flex_attention = None
-
-
-def document_attention(q, k, v, mask: DocumentMask):
-    """Grouped-query attention within documents: q (B, H, T, hd), k, v (B, KV, T, hd)."""
-    gqa = q.size(1) != k.size(1)
-    if mask.block_mask is not None:
-        global _compiled_flex_attention
-        if _compiled_flex_attention is None:  # compiled once: uncompiled, flex is a slow reference
-            from torch.nn.attention.flex_attention import flex_attention
-            _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex_attention(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
-    out = []
-    for i, (q0, q1, k0, allowed) in enumerate(mask.tiles):
-        qt, kt, vt = q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1]
-        if use_matmul_attention(qt, q1 - k0):
-            out.append(masked_attention_cpu(qt, kt, vt, mask.bias(i, q.dtype, k.size(1), q.size(1) // k.size(1))))
-        else:
-            out.append(F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed[:, None], enable_gqa=gqa))
-    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
-
 
 class KVCache:
     """Keys and values of past positions for fast generation: one buffer pair per layer."""
@@ -338,75 +220,6 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-# ---------------------------------------------------------------------------
-# The loss
-# ---------------------------------------------------------------------------
-
-# Logits formed at once by the loss: rows × vocab ≈ 2^25 (128 MiB in fp32). Smaller chunks add a
-# pass over the weight's (vocab, dim) gradient each; docs/training.md measures it.
-LOSS_CHUNK_ELEMENTS = 2**25
-IGNORE_INDEX = -100  # a target that scores nothing (F.cross_entropy's default ignore_index)
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """Σ cross_entropy(x @ weight.T, targets) over rows, never holding more than one chunk's logits.
-
-    x (N, C), weight (V, C), targets (N,) → fp32 scalar; targets equal to
-    IGNORE_INDEX score nothing, as in F.cross_entropy. The gradient of a
-    cross-entropy is softmax − one-hot, so each chunk's gradients for x and
-    weight are formed in the forward pass, right after its logits, and the
-    backward only scales them by the incoming gradient: no logits are kept and
-    none recomputed. The matmuls run in `dtype` (autocast's, or x's own), as
-    F.linear under autocast would; the weight's gradient sums in fp32.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, dtype):
-        N, V = x.size(0), weight.size(0)
-        rows = max(1, LOSS_CHUNK_ELEMENTS // V)
-        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = torch.empty_like(x) if want_x else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
-        loss = torch.zeros((), device=x.device, dtype=torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
-            w = weight.to(dtype)
-            for i in range(0, N, rows):
-                xs, ts = x[i : i + rows].to(dtype), targets[i : i + rows]
-                scored = ts != IGNORE_INDEX
-                ts = torch.where(scored, ts, 0)
-                logits = (xs @ w.t()).float()  # (rows, V)
-                lse = torch.logsumexp(logits, dim=-1)
-                loss += torch.where(scored, lse - logits.gather(1, ts[:, None]).squeeze(1), 0.0).sum()
-                if want_x or want_w:
-                    d = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                    d[torch.arange(len(ts), device=d.device), ts] -= 1.0
-                    d = d.to(dtype)
-                    # Unscored rows are zeroed in the small (rows, C) factors, not in d (rows, V).
-                    if want_x:
-                        grad_x[i : i + rows] = (d @ w) * scored[:, None]
-                    xs = xs * scored[:, None].to(dtype)
-                    if want_w and dtype == torch.float32:
-                        grad_w.addmm_(d.t(), xs)
-                    elif want_w:
-                        grad_w += d.t() @ xs
-        ctx.save_for_backward(grad_x, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        return (grad_x * grad_loss if grad_x is not None else None,
-                (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None, None, None)
-
-
-def linear_cross_entropy(x, weight, targets):
-    """Summed token cross-entropy of the logits x @ weight.T (fp32 scalar), in autocast's dtype when it is on."""
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    return LinearCrossEntropy.apply(x, weight, targets, dtype)
 
 
 # ---------------------------------------------------------------------------

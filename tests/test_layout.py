@@ -116,7 +116,18 @@ def test_pipeline_never_reaches_stages_typer_or_dvc():
         if module.startswith("pipeline."):
             assert not {m for m in imports(module) if m.startswith("stages.")}, module
             assert not external_imports(module) & {"stages", "typer", "dvc"}, module
-    assert external_imports("pipeline.model") <= {"__future__", "dataclasses", "math", "torch"}
+
+
+def test_model_and_what_it_imports_use_only_torch():
+    """pipeline/model.py and every project module it reaches import only torch and the stdlib."""
+    import sys
+
+    reached = closure("pipeline.model")
+    assert {"pipeline.model", "pipeline.doc_attention", "pipeline.fused_loss"} <= reached
+    for module in reached:
+        assert module.startswith("pipeline."), module
+        outside = external_imports(module) - {"pipeline", "torch"} - set(sys.stdlib_module_names)
+        assert not outside, (module, sorted(outside))
 
 
 def test_data_modules_never_reach_training_or_export():

@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pipeline.model as M
+import pipeline.doc_attention as D
+import pipeline.fused_loss as L
 from pipeline.architecture import build_config
-from pipeline.model import KVCache, Transformer, causal_attention_cpu, use_matmul_attention
+from pipeline.cpu_attention import causal_attention_cpu, masked_attention_cpu, use_matmul_attention
+from pipeline.model import KVCache, Transformer
 
 
 @pytest.mark.parametrize("heads, kv_heads, T", [(8, 2, 37), (4, 4, 16), (6, 1, 9), (4, 2, 1)])
@@ -77,7 +79,7 @@ def packed_window(B: int, T: int, vocab: int, n_docs: int, seed: int):
 
 def test_document_positions_restart_at_each_document():
     doc_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [1, 1, 1, 1, 2, 2]])
-    assert M.document_positions(doc_ids).tolist() == [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 0, 1]]
+    assert D.document_positions(doc_ids).tolist() == [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 0, 1]]
 
 
 @pytest.mark.parametrize("half", [False, True])
@@ -91,8 +93,8 @@ def test_masked_attention_matches_sdpa(half):
     allowed = (doc[:, 9:, None] == doc[:, None, :]) & (torch.arange(9, 29)[:, None] >= torch.arange(29)[None])
     g = torch.randn(2, 8, 20, 16)
     cast = (lambda t: t.bfloat16()) if half else (lambda t: t)
-    bias = M.DocumentMask([(9, 29, 0, allowed)]).bias(0, torch.bfloat16 if half else torch.float32, 2, 4)
-    ours = M.masked_attention_cpu(cast(q), cast(k), cast(v), bias).float()
+    bias = D.DocumentMask([(9, 29, 0, allowed)]).bias(0, torch.bfloat16 if half else torch.float32, 2, 4)
+    ours = masked_attention_cpu(cast(q), cast(k), cast(v), bias).float()
     (ours * g).sum().backward()
     our_grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
@@ -109,7 +111,7 @@ def test_masked_attention_matches_sdpa(half):
 def test_document_attention_equals_each_document_alone(preset, monkeypatch):
     """Per-token losses and gradients of a packed window (document attention and positions) equal those
     of its documents run one by one from position 0, within 1e-5 in fp32; tiles of 16 queries."""
-    monkeypatch.setattr(M, "DOCUMENT_TILE", 16)
+    monkeypatch.setattr(D, "DOCUMENT_TILE", 16)
     torch.manual_seed(0)
     model = Transformer(build_config(preset, 300, {"dim": 64, "n_layers": 2}))
     idx, targets, doc_ids = packed_window(2, 70, 300, n_docs=6, seed=1)
@@ -154,7 +156,7 @@ def test_document_attention_differs_from_causal_and_skips_keys():
 
     # Row 0: documents start at 0, 10, 30 and 40; row 1 at 0 and 37. A tile serves both rows.
     doc_ids = torch.tensor([[0] * 10 + [1] * 20 + [2] * 10 + [3] * 24, [0] * 37 + [1] * 27])
-    mask = M.document_mask(doc_ids, tile=16)
+    mask = D.document_mask(doc_ids, tile=16)
     assert [(q0, q1, k0) for q0, q1, k0, _ in mask.tiles] == [(0, 16, 0), (16, 32, 0), (32, 48, 0), (48, 64, 37)]
     q0, q1, k0, allowed = mask.tiles[3]
     assert allowed.shape == (2, 16, 27)
@@ -171,11 +173,11 @@ def test_chunked_loss_matches_full_logits(dtype, monkeypatch):
     """Summed cross-entropy and gradients through LinearCrossEntropy, 7 rows per chunk, equal
     F.cross_entropy over the full fp32 logits (ignored targets too): 1e-5 relative in fp32,
     bf16's rounding under autocast."""
-    monkeypatch.setattr(M, "LOSS_CHUNK_ELEMENTS", 5000 * 7)
+    monkeypatch.setattr(L, "LOSS_CHUNK_ELEMENTS", 5000 * 7)
     torch.manual_seed(0)
     model = Transformer(build_config("tiny", 5000, {"dim": 64, "n_layers": 2}))
     idx, targets = torch.randint(0, 5000, (3, 40)), torch.randint(0, 5000, (3, 40))
-    targets[1, 5:9] = M.IGNORE_INDEX  # padding scores nothing, as in F.cross_entropy
+    targets[1, 5:9] = L.IGNORE_INDEX  # padding scores nothing, as in F.cross_entropy
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
     with autocast:
