@@ -29,18 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.params import TrainParams
-from pipeline.token_store import (
-    ATTRS_CHECKSUM,
-    CHUNK_TOKENS,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    OFFSET_CHUNK,
-    attrs_checksum,
-    group_document,
-    open_store,
-    part_dir,
-    write_metadata,
-)
+from pipeline.store_layout import ATTRS_CHECKSUM, FORMAT_NAME, FORMAT_VERSION, attrs_checksum, part_dir
+from pipeline.store_writer import CHUNK_TOKENS, OFFSET_CHUNK, group_document, write_metadata
+from pipeline.token_store import open_store
 from pipeline.train_data import open_train_data
 
 

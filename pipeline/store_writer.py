@@ -1,13 +1,14 @@
-"""Writing the token store: chunk files appended in order, then published atomically.
+"""Writing the token store: zarr.json documents, chunk files appended in order, then published atomically.
 
-The layout itself (names, attributes, the zarr.json documents) is defined in
-`pipeline.token_store`, next to the reader; this module only writes files, so
-that a store on disk is always whole:
+The layout (names, attributes, checks) is defined in `pipeline.token_store`,
+next to the reader; this module writes it, so that a store on disk is always
+whole:
 
 - a part is written under a hidden temporary name in its source's directory,
-  every file and directory is fsynced, and it is renamed into place (the
-  directory is fsynced again), so a part that exists is complete, and a
-  crash leaves only a hidden directory that the next writer of that part removes;
+  then `pipeline.atomic.publish_dir` fsyncs every file and directory and renames
+  it into place (fsyncing the directory again), so a part that exists is
+  complete, and a crash leaves only a hidden directory that the next writer of
+  that part removes;
 - the root and source groups are created if missing by linking a finished
   file into place (never overwriting one another writer made), so writers of
   different parts of one store never contend;
@@ -27,32 +28,65 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import fsync_dir
 from pipeline.errors import UserError
 from pipeline.readers import REASONS
-from pipeline.token_store import OFFSET_CHUNK, SOURCE_NAME, group_document
+from pipeline.sources import SOURCE_NAME
 
 FIRST_LINES_KEPT = 5
 """Line numbers remembered per rejection reason."""
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# --------------------------------------------------------------------------- zarr.json and chunk sizes
+# `mm tokenize` writes the arrays itself: chunk files are raw little-endian tokens and
+# zarr.json documents are the ones zarr-python 3 writes for these arrays.
+
+CHUNK_TOKENS = 2**24
+"""Tokens per chunk file (32 MiB of uint16): large, so the trainer maps few files."""
+OFFSET_CHUNK = 2**21
+"""Entries per doc_offsets chunk (16 MiB of int64)."""
 
 
-def fsync_tree(root: Path) -> None:
-    """fsync every file under `root`, then every directory bottom-up (names are durable too)."""
-    for d, _, files in os.walk(root, topdown=False):
-        for name in files:
-            fd = os.open(os.path.join(d, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(d))
+def group_document(attrs: dict) -> dict:
+    """The zarr.json of a Zarr v3 group with these attributes."""
+    return {"attributes": attrs, "zarr_format": 3, "node_type": "group"}
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def write_metadata(store: Path, attrs: dict, dtype: str, shapes: dict) -> None:
+    """zarr.json for the group and every array, as the Zarr v3 spec defines them.
+
+    Written directly (the same documents zarr-python 3 writes for these arrays)
+    rather than through zarr-python, whose import alone costs a second or more
+    on every run; the tests read every store back with `zarr.open_group`.
+    """
+
+    def write(path: Path, meta: dict) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "zarr.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    write(store, group_document(attrs))
+    for name, arrays in shapes.items():
+        write(store / name, group_document({}))
+        for arr, (length, chunk) in arrays.items():
+            write(store / name / arr, {
+                "shape": [length],
+                "data_type": dtype if arr == "tokens" else "int64",
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk]}},
+                "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+                "fill_value": 0,
+                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+                "attributes": {},
+                "zarr_format": 3,
+                "node_type": "array",
+                "storage_transformers": [],
+            })
+
+
+# --------------------------------------------------------------------------- chunk files
 
 
 class ChunkWriter:
@@ -287,16 +321,3 @@ def clear_stale(source_dir: Path, part: str) -> None:
     for p in source_dir.glob(f".{part}.*-*"):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
-
-
-def publish_part(tmp: Path, final: Path) -> None:
-    """fsync the finished part under `tmp` and rename it to `final` (replacing an old one)."""
-    fsync_tree(tmp)
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old)

@@ -1,6 +1,7 @@
 """The token store (`tokens.zarr`): its layout, and reading it the way the trainer wants it.
 
-A store holds named sources, each made of parts (layout below). zarr-python
+A store holds named sources, each made of parts (layout in
+pipeline/store_layout.py). zarr-python
 decodes chunks into fresh arrays; the trainer instead memory-maps the chunk
 files. That is exact because `mm tokenize` writes the arrays with the v3
 `bytes` codec (little-endian) and no compressor, and the default chunk-key
@@ -24,83 +25,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.sources import SOURCE_NAME
+from pipeline.store_layout import (
+    ATTRS_CHECKSUM,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    SPLITS,
+    attrs_checksum,
+    list_parts,
+    list_sources,
+    part_dir,
+    part_name,
+    source_dir,
+)
 from pipeline.store_views import ChunkedArray, ConcatArray, ConcatOffsets, open_array, read_json
 
-FORMAT_NAME = "mm-tokens"
-FORMAT_VERSION = 2
-STORE_VERSION = FORMAT_VERSION  # the version with sources and parts
-SPLITS = ("train", "val")
-ATTRS_CHECKSUM = "attrs_sha256"
 ChunkedTokens = ChunkedArray  # the chunk files of one array as one; the name tests use
-
-
-# --------------------------------------------------------------------------- layout (format 2)
-#
-#   STORE/zarr.json                      group; ROOT_KEYS: format, version 2, dtype, tokenizer
-#                                        {fingerprint, vocab_size, bos_id, eos_id, pad_id}, attrs_sha256
-#   STORE/<source>/zarr.json             group; {"source": name}
-#   STORE/<source>/part-IIIII-of-NNNNN/  group; PART_KEYS (self-contained: a part alone is readable)
-#       train/tokens  train/doc_offsets  val/tokens  val/doc_offsets     (arrays as in format 1)
-#
-# Sources and parts are found by listing directories: there is no index file for
-# concurrent writers to contend on. Names starting with "." are never sources or
-# parts (temporary directories and lock files of writers in progress). A source is
-# complete when parts 0..N-1 of one N all exist; its documents are its parts' in order.
-
-ROOT_KEYS = ("format", "version", "dtype", "tokenizer", ATTRS_CHECKSUM)  # version: FORMAT_VERSION
-"""Attributes of the store's root group (the same for every source)."""
-PART_KEYS = ("format", "version", "dtype", "tokenizer", "source", "part", "text_field", "val_fraction",
-             "split_hash", "inputs", "counts", "rejected", "chunk_sha256", ATTRS_CHECKSUM)
-"""Attributes of a part group. part = {index, count}; inputs = [{name, size, sha256, range
-{unit: bytes|rows|row_groups|file, start, end}, lines|rows}]; counts = {lines, kept, rejected,
-train/val {documents, tokens, bytes}}; rejected = {reason: {count, first_lines}};
-chunk_sha256 = {"train/tokens/c/0": sha256 hex, ...} for every chunk file of the part."""
-PART_NAME = re.compile(r"part-(\d{5})-of-(\d{5})")
-MAX_PARTS = 99_999
-
-
-def part_name(index: int, count: int) -> str:
-    """`part-00003-of-00008`: the group name of part `index` (from 0) of `count`."""
-    return f"part-{index:05d}-of-{count:05d}"
-
-
-def parse_part_name(name: str) -> tuple[int, int] | None:
-    """(index, count) of a part group name, or None when `name` is not one."""
-    m = PART_NAME.fullmatch(name)
-    if not m:
-        return None
-    i, n = int(m.group(1)), int(m.group(2))
-    return (i, n) if 0 <= i < n else None
-
-
-def source_dir(store: str | Path, source: str) -> Path:
-    return Path(store) / source
-
-
-def part_dir(store: str | Path, source: str, index: int, count: int) -> Path:
-    return Path(store) / source / part_name(index, count)
-
-
-def list_sources(store: str | Path) -> list[str]:
-    """Source names in the store (directories holding a zarr.json), sorted."""
-    root = Path(store)
-    return sorted(p.name for p in root.iterdir()
-                  if SOURCE_NAME.fullmatch(p.name) and (p / "zarr.json").is_file())
-
-
-def list_parts(store: str | Path, source: str) -> list[tuple[int, int]]:
-    """(index, count) of every finished part of `source`, sorted. Finished parts only:
-    a part directory appears (by rename) after its last file is written."""
-    found = [parse_part_name(p.name) for p in source_dir(store, source).iterdir() if p.is_dir()]
-    return sorted(x for x in found if x is not None)
 
 
 # --------------------------------------------------------------------------- reading
@@ -358,63 +303,3 @@ def open_store(path: str | Path, sources: list[str] | None = None, note=None) ->
              "not in data.sources: ignored")
     opened = {name: _open_source(root, attrs, name) for name in wanted}
     return TokenStore(path=root, attrs=attrs, sources=opened, ignored=ignored)
-
-
-def attrs_checksum(attrs: dict) -> str:
-    """sha256 of the group attributes (all but the checksum itself) as canonical JSON.
-
-    `mm tokenize` stores it as attrs["attrs_sha256"] in the root and every part; the
-    reader refuses a group whose attributes no longer match (a hand edit, a half-copied
-    zarr.json) or have no checksum."""
-    rest = {k: v for k, v in attrs.items() if k != ATTRS_CHECKSUM}
-    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-# --------------------------------------------------------------------------- writing
-# `mm tokenize` writes the arrays itself: chunk files are raw little-endian tokens and
-# zarr.json documents are the ones zarr-python 3 writes for these arrays.
-
-CHUNK_TOKENS = 2**24
-"""Tokens per chunk file (32 MiB of uint16): large, so the trainer maps few files."""
-OFFSET_CHUNK = 2**21
-"""Entries per doc_offsets chunk (16 MiB of int64)."""
-
-
-def group_document(attrs: dict) -> dict:
-    """The zarr.json of a Zarr v3 group with these attributes."""
-    return {"attributes": attrs, "zarr_format": 3, "node_type": "group"}
-
-
-def token_dtype(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= 2**16 else "uint32"
-
-
-
-def write_metadata(store: Path, attrs: dict, dtype: str, shapes: dict) -> None:
-    """zarr.json for the group and every array, as the Zarr v3 spec defines them.
-
-    Written directly (the same documents zarr-python 3 writes for these arrays)
-    rather than through zarr-python, whose import alone costs a second or more
-    on every run; the tests read every store back with `zarr.open_group`.
-    """
-
-    def write(path: Path, meta: dict) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "zarr.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-    write(store, group_document(attrs))
-    for name, arrays in shapes.items():
-        write(store / name, group_document({}))
-        for arr, (length, chunk) in arrays.items():
-            write(store / name / arr, {
-                "shape": [length],
-                "data_type": dtype if arr == "tokens" else "int64",
-                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk]}},
-                "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-                "fill_value": 0,
-                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
-                "attributes": {},
-                "zarr_format": 3,
-                "node_type": "array",
-                "storage_transformers": [],
-            })

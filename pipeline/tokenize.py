@@ -1,4 +1,4 @@
-"""Raw text → one part of the token store (layout in `pipeline.token_store`).
+"""Raw text → one part of the token store (layout in `pipeline.store_layout`).
 
 `tokenize_files(inputs, tokenizer, STORE, source=NAME, part=(I, N))` writes the
 group `STORE/NAME/part-IIIII-of-NNNNN` and nothing else but the root and source
@@ -14,9 +14,10 @@ groups when they are missing. How it runs:
   them to raw chunk files, with at most a few batches in flight, so memory
   does not grow with the input and the output does not depend on the number
   of workers. Nothing in the output depends on batch boundaries either.
-- The part is written under a hidden temporary name, fsynced and renamed into
-  place (`pipeline.store_writer`) while holding the part's lock: a part that
-  exists is complete, and writers of other parts never wait for each other.
+- The part is written under a hidden temporary name (`pipeline.store_writer`),
+  fsynced and renamed into place (`pipeline.atomic.publish_dir`) while holding
+  the part's lock: a part that exists is complete, and writers of other parts
+  never wait for each other.
 
 Chunk files are written directly: the arrays use the v3 `bytes` codec
 (little-endian) with no compressor, so a chunk file *is* the raw tokens, and
@@ -37,32 +38,25 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import publish_dir
 from pipeline.errors import UserError
 from pipeline.inputs import SUFFIXES, Share, expand_inputs, iter_share, plan_part
 from pipeline.readers import BATCH_BYTES, parse_line, parse_value, split_lines
+from pipeline.sources import SOURCE_NAME
+from pipeline.store_layout import ATTRS_CHECKSUM, FORMAT_NAME, FORMAT_VERSION, MAX_PARTS, attrs_checksum, part_name
 from pipeline.store_writer import (
+    CHUNK_TOKENS,
     PartLock,
     PartWriter,
     check_root_dir,
     clear_stale,
     create_if_missing,
     ensure_source,
-    publish_part,
-)
-from pipeline.token_store import (
-    ATTRS_CHECKSUM,
-    CHUNK_TOKENS,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    MAX_PARTS,
-    SOURCE_NAME,
-    attrs_checksum,
     group_document,
-    part_name,
-    read_group_attrs,
     token_dtype,
     write_metadata,
 )
+from pipeline.token_store import read_group_attrs
 
 SPLIT_HASH = "blake2b-64 of the UTF-8 text < val_fraction * 2**64 -> val"
 
@@ -351,7 +345,7 @@ def tokenize_files(
                      "chunk_sha256": hashes}
             attrs[ATTRS_CHECKSUM] = attrs_checksum(attrs)  # the reader refuses hand-edited attributes
             write_metadata(tmp, attrs, dtype, shapes)
-            publish_part(tmp, final)
+            publish_dir(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return {**attrs, "seconds": time.perf_counter() - t0, "path": str(final), "store": str(store)}

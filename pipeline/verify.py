@@ -85,6 +85,7 @@ def verify_checkpoint(path: Path) -> Row:
 
 def verify_store(root: Path) -> list[Row]:
     """Format 1 (one train/val pair at the root) and format 2 (sources of parts, each a train/val pair)."""
+    from pipeline import store_layout
     from pipeline import token_store as ts
 
     meta_path = root / "zarr.json"
@@ -92,7 +93,7 @@ def verify_store(root: Path) -> list[Row]:
         attrs = (json.loads(meta_path.read_text(encoding="utf-8")).get("attributes") or {})
     except (ValueError, UnicodeDecodeError, AttributeError):
         return [Row(meta_path, "store layout and attributes", False, "not valid JSON (group metadata)")]
-    if attrs.get("version") != getattr(ts, "STORE_VERSION", None):
+    if attrs.get("version") != store_layout.STORE_VERSION:
         try:
             store = ts.open_store(root)  # format 1: layout, sizes, counts, attribute checksum
         except UserError as e:
@@ -137,7 +138,7 @@ def verify_store(root: Path) -> list[Row]:
 
 
 def _attrs_mismatch(attrs: dict, meta_path: Path) -> Row | None:
-    from pipeline.token_store import ATTRS_CHECKSUM, attrs_checksum
+    from pipeline.store_layout import ATTRS_CHECKSUM, attrs_checksum
 
     if attrs.get(ATTRS_CHECKSUM) != attrs_checksum(attrs):
         return Row(meta_path, "attribute checksum", False, f"{ATTRS_CHECKSUM} missing or not matching the attributes")
@@ -146,8 +147,8 @@ def _attrs_mismatch(attrs: dict, meta_path: Path) -> Row | None:
 
 def _verify_part(root: Path, dtype: np.dtype, vocab: int, hashes: dict, version: str) -> list[Row]:
     """The train/val arrays under `root`; `hashes` maps "train/tokens/c/0" to its recorded sha256."""
+    from pipeline.store_layout import SPLITS
     from pipeline.store_views import array_layout
-    from pipeline.token_store import SPLITS
 
     rows = []
     for name in SPLITS:
