@@ -1,4 +1,4 @@
-"""The one exception type that means "the user made a mistake"."""
+"""The one exception type that means "the user made a mistake", and its kind for a param out of range."""
 
 
 class UserError(Exception):
@@ -7,3 +7,11 @@ class UserError(Exception):
     The CLI prints the message as one line on stderr and exits with code 1,
     without a traceback. The message must name the file, line, key or field.
     """
+
+
+class ParamError(UserError):
+    """A value out of its range; `key` (section.key) lets the loader say where it was set."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key} {problem}")
+        self.key = key

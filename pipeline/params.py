@@ -1,6 +1,7 @@
 """`params.yaml`: every hyperparameter, one typed section per stage.
 
-Each section is a dataclass whose fields carry a docstring. Loading checks
+Each section is a dataclass whose fields carry a docstring (the data and
+tokenizer sections are in pipeline/params_data.py). Loading checks
 every key: an unknown key, a value of the wrong type, a word outside a closed
 set (the `Literal` fields) or a number out of its range is a UserError that
 names the file (or `--set`) and the key. `--set section.key=value` overrides
@@ -20,51 +21,13 @@ from typing import Literal
 
 import yaml
 
-from pipeline.errors import UserError
+from pipeline.errors import ParamError, UserError
+from pipeline.params_data import DataParams, TokenizerParams, check_tokenizer_sources
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 Compile = Literal["auto", True, False]
 ExportDtype = Literal["fp32", "bf16", "fp16"]
 Tracker = Literal["tensorboard", "wandb", "swanlab"]  # pipeline/trackers.py has one class each
-
-
-class ParamError(UserError):
-    """A value out of its range; `key` (section.key) lets the loader say where it was set."""
-
-    def __init__(self, key: str, problem: str):
-        super().__init__(f"{key} {problem}")
-        self.key = key
-
-
-@dataclass
-class DataParams:
-    sources: dict = field(default_factory=lambda: {"sample": {"path": "data/sample.jsonl", "weight": 1.0,
-                                                              "text_field": "text"}})
-    """Named sources of raw text: NAME → {path, weight, text_field}. path: a file, a list of
-    files or a directory (.jsonl, .jsonl.gz, .jsonl.zst, .parquet, a `datasets` directory);
-    weight: share of training samples (normalised; 0 leaves the source out); text_field:
-    defaults to data.text_field. Checked by `pipeline.sources`."""
-    val_fraction: float = 0.02
-    """Fraction of documents (chosen by a hash of their text) held out for validation."""
-    text_field: str = "text"
-    """The JSON field that holds each document's text."""
-
-    def check(self) -> None:
-        if not 0.0 <= self.val_fraction <= 1.0:
-            raise ParamError("data.val_fraction", f"must be in [0, 1], got {self.val_fraction}")
-        from pipeline.sources import parse_sources
-
-        parse_sources(self.sources, self.text_field)  # a UserError naming data.sources.NAME.KEY
-
-
-@dataclass
-class TokenizerParams:
-    vocab_size: int = 6400
-    """Vocabulary size of the byte-level BPE tokenizer, special tokens included."""
-    sources: list = field(default_factory=lambda: ["sample"])
-    """Names of data.sources the tokenizer is trained on; a params file without the key means
-    every source. Naming them keeps a new source from retraining the tokenizer, which would
-    invalidate every token store."""
 
 
 @dataclass
@@ -259,9 +222,7 @@ def check_params(params: Params) -> None:
         check = getattr(getattr(params, f.name), "check", None)
         if check is not None:
             check()
-    for name in params.tokenizer.sources:
-        if name not in params.data.sources:
-            raise ParamError("tokenizer.sources", f"names '{name}', which is not in data.sources")
+    check_tokenizer_sources(params.tokenizer, params.data)
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:

@@ -1,0 +1,50 @@
+"""The data side of `params.yaml`: the `data` section (sources of raw text, the val split) and the
+`tokenizer` section (its size, and which sources train it).
+
+`pipeline.params` loads and checks them with the other sections; what a source
+entry may hold is checked by `pipeline.sources`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.errors import ParamError
+
+
+@dataclass
+class DataParams:
+    sources: dict = field(default_factory=lambda: {"sample": {"path": "data/sample.jsonl", "weight": 1.0,
+                                                              "text_field": "text"}})
+    """Named sources of raw text: NAME → {path, weight, text_field}. path: a file, a list of
+    files or a directory (.jsonl, .jsonl.gz, .jsonl.zst, .parquet, a `datasets` directory);
+    weight: share of training samples (normalised; 0 leaves the source out); text_field:
+    defaults to data.text_field. Checked by `pipeline.sources`."""
+    val_fraction: float = 0.02
+    """Fraction of documents (chosen by a hash of their text) held out for validation."""
+    text_field: str = "text"
+    """The JSON field that holds each document's text."""
+
+    def check(self) -> None:
+        if not 0.0 <= self.val_fraction <= 1.0:
+            raise ParamError("data.val_fraction", f"must be in [0, 1], got {self.val_fraction}")
+        from pipeline.sources import parse_sources
+
+        parse_sources(self.sources, self.text_field)  # a UserError naming data.sources.NAME.KEY
+
+
+@dataclass
+class TokenizerParams:
+    vocab_size: int = 6400
+    """Vocabulary size of the byte-level BPE tokenizer, special tokens included."""
+    sources: list = field(default_factory=lambda: ["sample"])
+    """Names of data.sources the tokenizer is trained on; a params file without the key means
+    every source. Naming them keeps a new source from retraining the tokenizer, which would
+    invalidate every token store."""
+
+
+def check_tokenizer_sources(tokenizer: TokenizerParams, data: DataParams) -> None:
+    """Every source the tokenizer is trained on is one of data.sources."""
+    for name in tokenizer.sources:
+        if name not in data.sources:
+            raise ParamError("tokenizer.sources", f"names '{name}', which is not in data.sources")
