@@ -7,9 +7,10 @@ groups when they are missing. How it runs:
 - `pipeline.inputs` lists the input files and the share of them part I of N
   reads; the main process reads that share in blocks (whole lines, or rows of a
   text column), hashing the bytes it reads (the input fingerprint).
-- Worker processes (spawned, one tokenizer thread each) check each line or row
-  (`pipeline.readers`), encode the texts with `Tokenizer.encode_batch`, split
-  documents into train/val by a hash of their text, and return packed arrays.
+- Worker processes (spawned, one tokenizer thread each; `pipeline.tokenize_worker`)
+  check each line or row (`pipeline.readers`), encode the texts with
+  `Tokenizer.encode_batch`, split documents into train/val by a hash of their
+  text, and return packed arrays.
 - The main process consumes the results strictly in input order and appends
   them to raw chunk files, with at most a few batches in flight, so memory
   does not grow with the input and the output does not depend on the number
@@ -29,19 +30,16 @@ in one chunk gets a chunk shape equal to its length, so there is no padding.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
 from collections import deque
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.atomic import publish_dir
 from pipeline.errors import UserError
 from pipeline.inputs import SUFFIXES, Share, expand_inputs, iter_share, plan_part
-from pipeline.readers import BATCH_BYTES, parse_line, parse_value, split_lines
+from pipeline.readers import BATCH_BYTES
 from pipeline.sources import SOURCE_NAME
 from pipeline.store_layout import ATTRS_CHECKSUM, FORMAT_NAME, FORMAT_VERSION, MAX_PARTS, attrs_checksum, part_name
 from pipeline.store_writer import (
@@ -57,80 +55,7 @@ from pipeline.store_writer import (
     write_metadata,
 )
 from pipeline.token_store import read_group_attrs
-
-SPLIT_HASH = "blake2b-64 of the UTF-8 text < val_fraction * 2**64 -> val"
-
-
-# --------------------------------------------------------------------------- workers
-
-_W: dict = {}
-
-
-def _init_worker(tokenizer_json: str, text_field: str, val_fraction: float, bos: int, eos: int, dtype: str,
-                 single_thread: bool = True) -> None:
-    if single_thread:
-        # A worker process: one tokenizer thread each, parallelism comes from processes.
-        os.environ["RAYON_NUM_THREADS"] = "1"
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer
-
-    _W.update(tok=Tokenizer.from_file(tokenizer_json), field=text_field, val=val_fraction,
-              bos=bos, eos=eos, dtype=np.dtype(dtype))
-
-
-def split_of(text_utf8: bytes, val_fraction: float) -> int:
-    """0 = train, 1 = val: blake2b-64 of the UTF-8 text, read as a fraction of 2**64."""
-    h = int.from_bytes(hashlib.blake2b(text_utf8, digest_size=8).digest(), "little")
-    return 1 if h < val_fraction * 2.0**64 else 0
-
-
-def _checked(task: tuple):
-    """Yield (text, utf8, reason, location) for every line or row of a task."""
-    kind, first, *rest = task
-    if kind == "rows":
-        for i, value in enumerate(rest[0]):
-            yield (*parse_value(value), f"row {first + i}")
-        return
-    first_byte, data = rest
-    offset = first_byte
-    for i, line in enumerate(split_lines(data, first or 0)):
-        # A part that starts mid-file has not counted the lines before it: byte offsets name its lines.
-        yield (*parse_line(line, _W["field"]), str(first + i) if first is not None else f"byte {offset}")
-        offset += len(line) + 1
-
-
-def _encode(task: tuple) -> dict:
-    """A block of lines or rows → packed tokens per split, doc lengths, byte counts, rejects."""
-    texts, splits, nbytes, rejects, n = [], [], [0, 0], [], 0
-    for text, b, reason, where in _checked(task):
-        n += 1
-        if reason is not None:
-            rejects.append((reason, where))
-            continue
-        s = split_of(b, _W["val"])
-        texts.append(text)
-        splits.append(s)
-        nbytes[s] += len(b)
-    encs = _W["tok"].encode_batch(texts, add_special_tokens=False) if texts else []
-    bos, eos = _W["bos"], _W["eos"]
-    flat: list[list[int]] = [[], []]
-    lens: list[list[int]] = [[], []]
-    for enc, s in zip(encs, splits, strict=True):
-        ids = enc.ids
-        out = flat[s]
-        out.append(bos)
-        out.extend(ids)
-        out.append(eos)
-        lens[s].append(len(ids) + 2)
-    dt = _W["dtype"]
-    return {
-        "tokens": [np.array(flat[0], dtype=dt), np.array(flat[1], dtype=dt)],
-        "lens": [np.array(lens[0], dtype=np.int64), np.array(lens[1], dtype=np.int64)],
-        "bytes": nbytes,
-        "rejects": rejects,
-        "lines": n,
-    }
-
+from pipeline.tokenize_worker import SPLIT_HASH, encode_block, init_worker
 
 # --------------------------------------------------------------------------- the encoding loop
 
@@ -188,10 +113,10 @@ def _encode_shares(shares: list[Share], part: PartWriter, init: tuple, workers: 
 
         # spawn, not fork: the parent holds a tokenizer and rich's refresh thread. An executor
         # (not mp.Pool) because a worker that dies fails the run instead of hanging it.
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=init_worker,
                                    initargs=init)
     else:  # in this process, leaving its environment (and the tokenizer's threads) alone
-        _init_worker(*init, single_thread=False)
+        init_worker(*init, single_thread=False)
     t0 = time.perf_counter()
     records = []
     try:
@@ -213,10 +138,10 @@ def _encode_shares(shares: list[Share], part: PartWriter, init: tuple, workers: 
                         break
                     delta, done = max(pos - done, 0), max(pos, done)
                     if pool is None:
-                        part.consume(_encode(task), share.file.path, share.file.name)
+                        part.consume(encode_block(task), share.file.path, share.file.name)
                         advance(delta)
                         continue
-                    pending.append((pool.submit(_encode, task), delta))
+                    pending.append((pool.submit(encode_block, task), delta))
                     while len(pending) > 2 * workers:  # bounded in flight: memory stays flat
                         fut, d = pending.popleft()
                         part.consume(_result(fut, share.file.path), share.file.path, share.file.name)

@@ -206,14 +206,48 @@ def test_repository_stands_on_its_own():
     assert not found, "\n".join(found)
 
 
-def test_pipeline_functions_stay_small():
-    """Functions under 80 lines, unless a comment in the function says why it is long on purpose."""
-    too_long = []
-    for path in sorted((REPO / "pipeline").glob("*.py")):
-        lines = path.read_text(encoding="utf-8").splitlines()
-        for node in ast.walk(ast.parse("\n".join(lines))):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
-                body = lines[node.lineno - 1 : node.end_lineno]
-                if not any("long on purpose" in line.lower() for line in body):
-                    too_long.append(f"{path.name}: {node.name}() {node.end_lineno - node.lineno + 1} lines")
+MAX_FILE_LINES = 360  # the rule is ~350; a few lines of slack so that a comment does not force a split
+MAX_FUNCTION_LINES = 80
+REASON = "long because"  # in a comment on the line before a longer function's def (or decorators), or its docstring
+
+
+def test_pipeline_files_stay_small():
+    sizes = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in (REPO / "pipeline").glob("*.py")}
+    too_long = sorted(f"{name}: {n} lines" for name, n in sizes.items() if n > MAX_FILE_LINES)
     assert not too_long, too_long
+
+
+def unexplained_long_functions(source: str) -> list[str]:
+    """`name() N lines` for each function over MAX_FUNCTION_LINES with no "long because" in a comment
+    on the line right above its def (above its decorators, if any) or in its docstring."""
+    lines = source.splitlines()
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        length = node.end_lineno - node.lineno + 1
+        if length <= MAX_FUNCTION_LINES:
+            continue
+        first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        above = lines[first - 2] if first >= 2 else ""
+        said = ("#" in above and REASON in above.lower()) or REASON in (ast.get_docstring(node) or "").lower()
+        if not said:
+            found.append(f"{node.name}() {length} lines")
+    return found
+
+
+def test_pipeline_functions_stay_small():
+    too_long = [f"{path.name}: {f}" for path in sorted((REPO / "pipeline").glob("*.py"))
+                for f in unexplained_long_functions(path.read_text(encoding="utf-8"))]
+    assert not too_long, too_long
+
+
+def test_function_length_rule_needs_the_reason_right_above_or_in_the_docstring():
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))  # 80 lines + the def
+    explained = f"# long because: one table, row by row\n@staticmethod\ndef g():\n{body}\n"
+    documented = f'def h():\n    """Long because the steps share ten locals."""\n{body}\n'
+    comment_too_far = f"# long because of nothing\nX = 1\ndef k():\n{body}\n"
+    short = "def s():\n" + "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES - 1))
+    assert unexplained_long_functions(f"def f():\n{body}\n") == ["f() 81 lines"]
+    assert unexplained_long_functions(explained + documented + short) == []
+    assert unexplained_long_functions(comment_too_far) == ["k() 81 lines"]
