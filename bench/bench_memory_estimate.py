@@ -57,7 +57,7 @@ def measure(case: str, steps: int) -> dict:
     preset, batch, seq, dtype, vocab, optimizer, loss_kind, checkpointing = parse(case)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tp = types.SimpleNamespace(optimizer=optimizer, lr=3e-3, min_lr=3e-4, weight_decay=0.1, beta1=0.9, beta2=0.95,
-                               muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0)
+                               muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0, dtype=dtype)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     autocast = torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32)
 

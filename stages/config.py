@@ -74,7 +74,9 @@ def memory_rows(model_config, tp, seq_len: int) -> list[tuple[str, str]]:
     device = pick_device("auto", 0)
     dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[resolve_dtype(tp.dtype, device)]
     checkpointing = getattr(tp, "activation_checkpointing", "none")
-    m = training_memory(model_config, tp.micro_batch_size, seq_len, dtype, tp.optimizer, device.type, checkpointing)
+    # fused_loss: training always computes its loss with the model's chunked LinearCrossEntropy.
+    m = training_memory(model_config, tp.micro_batch_size, seq_len, dtype, tp.optimizer, device.type, checkpointing,
+                        fused_loss=True)
     mib = {k: f"{v / 2**20:,.0f}" for k, v in m.items()}
     optimizer = {"adamw": "AdamW", "muon": "Muon + AdamW"}.get(tp.optimizer, tp.optimizer)
     shape = f"micro-batch {tp.micro_batch_size} × {seq_len}, {dtype}, {optimizer}, checkpointing {checkpointing}"
