@@ -108,6 +108,7 @@ def apply_rope(x, cos, sin):
 # Attention
 # ---------------------------------------------------------------------------
 
+
 class KVCache:
     """Keys and values of past positions for fast generation: one buffer pair per layer."""
 
@@ -261,7 +262,7 @@ class Transformer(nn.Module):
         """idx: (B, T) token ids → (logits (B, T, vocab), MoE balance loss (scalar, 0 when dense)).
 
         targets (B, T): the first result is instead the sum of the tokens' cross-entropies (fp32
-        scalar), computed without ever holding the logits (LinearCrossEntropy).
+        scalar), computed without ever holding the logits (pipeline/fused_loss.py).
         doc_ids (B, T): a document number per token (the count of BOS tokens so far), used as
         document_attention and document_positions say; ignored when both are off.
         """
