@@ -22,7 +22,11 @@ def use_matmul_attention(q, keys: int | None = None) -> bool:
     B, H, T, _ = q.shape
     scores = B * H * T * (keys or T)
     half = q.dtype in (torch.bfloat16, torch.float16)
-    return q.device.type == "cpu" and half and scores <= CPU_MATMUL_ATTENTION_MAX_SCORES
+    # Not inside torch.compile: torch 2.13's inductor turns this path's backward into non-finite
+    # gradients of k (and all that feeds it) when head_dim is 64, e.g. minimind2-small in bf16;
+    # compiled SDPA is exact there (tests/test_model.py compiles a one-block model of that shape).
+    compiling = torch.compiler.is_compiling()
+    return q.device.type == "cpu" and half and scores <= CPU_MATMUL_ATTENTION_MAX_SCORES and not compiling
 
 
 def causal_attention_cpu(q, k, v):

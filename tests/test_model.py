@@ -60,6 +60,27 @@ def test_both_attention_paths_give_the_same_logits():
     assert (plain.float().argmax(-1) == cached.float().argmax(-1)).float().mean() > 0.95
 
 
+def test_compiled_model_gives_finite_gradients_equal_to_eager():
+    """torch.compile of a bf16 block with head_dim 64 (minimind2-small's): torch 2.13's inductor made
+    the CPU matmul attention's k-gradient non-finite there, so compiled code takes SDPA instead."""
+    torch.manual_seed(0)
+    config = build_config("tiny", 256, {"dim": 64, "n_layers": 1, "head_dim": 64, "hidden_dim": 128})
+    eager = Transformer(config)
+    compiled = Transformer(config)
+    compiled.load_state_dict(eager.state_dict())
+    idx = torch.randint(0, 256, (2, 65))
+    losses = []
+    for model, forward in ((eager, eager), (compiled, torch.compile(compiled))):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, aux = forward(idx[:, :-1], targets=idx[:, 1:])
+        (loss / 128 + aux).backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-2)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.isfinite(b.grad).all(), name
+        assert (a.grad - b.grad).abs().max() <= 0.05 * a.grad.abs().max() + 1e-6, name
+
+
 # ---------------------------------------------------------------------------
 # Document attention and positions
 # ---------------------------------------------------------------------------
