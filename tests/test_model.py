@@ -70,13 +70,13 @@ def test_compiled_model_gives_finite_gradients_equal_to_eager():
     compiled.load_state_dict(eager.state_dict())
     idx = torch.randint(0, 256, (2, 65))
     losses = []
-    for model, forward in ((eager, eager), (compiled, torch.compile(compiled))):
+    for forward in (eager, torch.compile(compiled)):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, aux = forward(idx[:, :-1], targets=idx[:, 1:])
         (loss / 128 + aux).backward()
         losses.append(loss.item())
     assert losses[1] == pytest.approx(losses[0], rel=1e-2)
-    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         assert torch.isfinite(b.grad).all(), name
         assert (a.grad - b.grad).abs().max() <= 0.05 * a.grad.abs().max() + 1e-6, name
 
