@@ -49,7 +49,9 @@ def run_case(name: str, out: Path, mm: str) -> dict:
         for setting, p in list(pending.items()):
             if p.poll() is not None:
                 wall[setting] = time.perf_counter() - started[setting]
-                if p.returncode:
+                if p.returncode:  # stop the other one too: a leftover run would load the next measurement
+                    for other in pending.values():
+                        other.kill()
                     sys.exit(f"{name} compile={setting} failed: see {out / f'{name}_{setting}.log'}")
                 del pending[setting]
         time.sleep(0.5)
