@@ -57,9 +57,10 @@ def checkpoint_state(
     rng                  torch CPU RNG state (nothing in training draws from CUDA's)
     model_config         dataclasses.asdict(ModelConfig)
     train_config         dataclasses.asdict(TrainParams)
-    data                 tokenizer_sha256, store_fingerprint, vocab_size, seq_len, global_batch
+    data                 tokenizer_sha256, store_fingerprint, vocab_size, seq_len, global_batch, and
+                         sources {name: {weight, train_tokens, tokens_trained}} (absent in older checkpoints)
     tokenizer            {file name: text} of the tokenizer directory, so export needs nothing else
-    metrics              train_loss, val_loss, tokens_seen, skipped_steps, ...
+    metrics              train_loss, val_loss, val_bits_per_byte, their *_by_source, tokens_seen, skipped_steps
     trackers             (optional, see OPTIONAL_KEYS) the tracker runs to continue on resume
     checksum             sha256 over everything above (added when saved)
     """

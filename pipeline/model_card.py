@@ -9,6 +9,7 @@ def model_card(state: dict, config: ModelConfig, doc: dict, dtype: str, tok: dic
     bos, eos = tok["bos_token"], tok["eos_token"]
     rows = _rows(state, config, doc, dtype)
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    sources = _sources_table(state)
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -25,7 +26,7 @@ instruction tuning and no preference tuning, so it does not follow instructions.
 | | |
 | --- | --- |
 {table}
-
+{sources}
 ## Use
 
 ```python
@@ -52,24 +53,62 @@ litgpt) can take this directory as it is.
 """
 
 
+NOT_RECORDED = "not recorded"
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+
+
+def _count(value) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else _fmt(value, ".3g")
+
+
+def _recorded_sources(state: dict) -> dict[str, dict]:
+    """data["sources"] of the checkpoint ({name: {weight, train_tokens, tokens_trained}}), {} when it
+    predates that record."""
+    sources = (state.get("data") or {}).get("sources")
+    if not isinstance(sources, dict):
+        return {}
+    return {str(name): entry for name, entry in sources.items() if isinstance(entry, dict)}
+
+
+def _sources_table(state: dict) -> str:
+    """A table of the training data, one row per source: its share of the mixture, the tokens drawn
+    from it, the size of its train split, and its validation figures at the last evaluation."""
+    sources = _recorded_sources(state)
+    if not sources:
+        return ""
+    metrics = state.get("metrics") or {}
+    losses, bpbs = metrics.get("val_loss_by_source") or {}, metrics.get("val_bits_per_byte_by_source") or {}
+    weights = [e.get("weight") for e in sources.values()]
+    total = sum(weights) if all(isinstance(w, (int, float)) for w in weights) else None
+    lines = ["| source | weight | tokens trained on | train split tokens | val loss (nats/token) | val bits per byte |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, e in sources.items():
+        share = e.get("weight") / total if total else None
+        lines.append(f"| {name} | {_fmt(share, '.3f')} | {_count(e.get('tokens_trained'))} | "
+                     f"{_count(e.get('train_tokens'))} | {_fmt(losses.get(name))} | {_fmt(bpbs.get(name))} |")
+    return ("\n## Training data\n\n"
+            "Tokens trained on: the input tokens of the training windows drawn from each source, in the\n"
+            "mixture's proportions, up to the checkpoint's step. Validation: the source's val split, scored\n"
+            "as `mm eval` scores it. The overall figures above are the mixture's: the weight-averaged loss,\n"
+            "and bits per byte from it and the weight-averaged bytes per token.\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def _rows(state: dict, config: ModelConfig, doc: dict, dtype: str) -> list[tuple[str, str]]:
     from pipeline.architecture import count_params
 
     counts = count_params(config)
     metrics, data = state.get("metrics") or {}, state.get("data") or {}
-
-    def fmt(value, spec=".4f"):
-        return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
-
-    def count(value):
-        return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else fmt(value, ".3g")
-
-    sources = data.get("sources")
-    if isinstance(sources, dict) and sources:  # {name: training tokens} or {name: {...}}
-        described = ", ".join(f"{name} ({count(v.get('tokens') if isinstance(v, dict) else v)} tokens)"
-                              for name, v in sources.items())
+    sources = _recorded_sources(state)
+    store = f"token store {str(data.get('store_fingerprint', 'n/a'))[:12]}"
+    if sources:
+        described = f"{', '.join(sources)} ({store}; tokens per source below)"
+        in_store = sum(e.get("train_tokens") or 0 for e in sources.values())
     else:
-        described = f"one corpus (token store {str(data.get('store_fingerprint', 'n/a'))[:12]})"
+        described, in_store = f"{NOT_RECORDED} ({store})", None
     bpb = metrics.get("val_bits_per_byte")
     rows = [
         ("training", "pretrained only (next-token prediction; no instruction or preference tuning)"),
@@ -81,13 +120,14 @@ def _rows(state: dict, config: ModelConfig, doc: dict, dtype: str) -> list[tuple
                          f"head_dim {config.head_dim}"),
         ("vocabulary", str(config.vocab_size)),
         ("data sources", described),
-        ("training tokens in the store", count(data["train_tokens"]) if "train_tokens" in data else None),
+        ("training tokens in the store", _count(in_store) if in_store is not None else None),
         ("context (trained)", str(data.get("seq_len", "n/a"))),
         ("optimizer steps", str(state.get("step", "n/a"))),
-        ("tokens seen", count(metrics.get("tokens_seen"))),
-        ("final train loss (nats/token)", fmt(metrics.get("train_loss"))),
-        ("final val loss (nats/token)", fmt(metrics.get("val_loss"))),
-        ("val bits per byte", fmt(bpb) if bpb is not None else "n/a (`mm eval` on the val split reports it)"),
+        ("tokens seen", _count(metrics.get("tokens_seen"))),
+        ("final train loss (nats/token)", _fmt(metrics.get("train_loss"))),
+        ("final val loss (nats/token)", _fmt(metrics.get("val_loss"))),
+        ("val bits per byte", _fmt(bpb) if isinstance(bpb, (int, float)) else
+         f"{NOT_RECORDED} (`mm eval` on the val split reports it)"),
         ("weights dtype", dtype),
     ]
     return [(name, value) for name, value in rows if value is not None]

@@ -30,6 +30,7 @@ from pipeline.optim import make_optimizer
 from pipeline.params import TrainParams
 from pipeline.progress import TRAIN_COLUMNS, VAL_COLUMNS, Display, MetricLog
 from pipeline.resume import pick_checkpoint
+from pipeline.scoring import token_byte_lengths
 from pipeline.tokenizer import TOKENIZER_FILES, load_tokenizer
 from pipeline.tracking import Trackers
 from pipeline.train_data import TrainData, open_train_data
@@ -71,6 +72,8 @@ class Run:
     loss: float = math.nan
     val_loss: float = math.nan
     val_losses: dict[str, float] = field(default_factory=dict)  # the last evaluation's, per source
+    val_bpb: float = math.nan  # bits per byte of the last evaluation, on the training mixture
+    val_bpbs: dict[str, float] = field(default_factory=dict)  # the same per source
     # outputs: the display on every rank (silent off rank 0), the logs on rank 0 only
     display: Display | None = None
     train_log: MetricLog | None = None
@@ -116,7 +119,7 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
     run.data = open_train_data(store_path, weights, tp, run.note)
     store = run.data.store
     run.store_path = Path(store_path)
-    run.tokenizer_files, tokenizer_sha = read_tokenizer_dir(tokenizer_dir)
+    run.tokenizer_files, tokenizer_sha, tokenizer = read_tokenizer_dir(tokenizer_dir)
     if store.tokenizer_fingerprint != tokenizer_sha:
         raise UserError(f"{tokenizer_dir}: tokenizer differs from the one {store_path} was tokenized with "
                         "(fingerprint)")
@@ -127,6 +130,7 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
     if tp.seq_len > config.max_seq_len:
         raise UserError(f"train.seq_len {tp.seq_len} exceeds the model's max_seq_len {config.max_seq_len} "
                         f"({model_path})")
+    run.data.byte_lengths = token_byte_lengths(tokenizer, config.vocab_size)  # validation's bits per byte
     run.total_steps = resolve_total_steps(tp, run.data.n_windows, run.global_batch)
     run.fingerprints = {
         "tokenizer_sha256": tokenizer_sha, "store_fingerprint": store.fingerprint,
@@ -165,6 +169,9 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
         run.skipped = checkpoint["metrics"].get("skipped_steps", 0)
         run.loss = checkpoint["metrics"].get("train_loss", run.loss)
         run.val_loss = checkpoint["metrics"].get("val_loss") or float("nan")
+        run.val_bpb = checkpoint["metrics"].get("val_bits_per_byte") or float("nan")  # absent before it was recorded
+        run.val_losses = dict(checkpoint["metrics"].get("val_loss_by_source") or {})
+        run.val_bpbs = dict(checkpoint["metrics"].get("val_bits_per_byte_by_source") or {})
         run.tracker_state = checkpoint.get("trackers")
         run.note(f"resuming from {checkpoint['path']} at step {run.start_step}")
         del checkpoint
@@ -209,17 +216,17 @@ def resolve_total_steps(tp: TrainParams, n_windows: int, global_batch: int) -> i
 
 
 
-def read_tokenizer_dir(path: Path) -> tuple[dict[str, str], str]:
-    """The tokenizer's files as text (embedded in checkpoints) and its fingerprint.
+def read_tokenizer_dir(path: Path) -> tuple[dict[str, str], str, object]:
+    """The tokenizer's files as text (embedded in checkpoints), its fingerprint, and the tokenizers.Tokenizer.
 
     Decoded from bytes, not read as text: newline translation would change the
     fingerprint of a CRLF tokenizer.json once exported.
     """
-    _, info = load_tokenizer(path)  # validates it; UserError names it
+    tokenizer, info = load_tokenizer(path)  # validates it; UserError names it
     directory = Path(info["path"])  # the directory, also when given the path of tokenizer.json
     files = {name: (directory / name).read_bytes().decode("utf-8")
              for name in TOKENIZER_FILES if (directory / name).is_file()}
-    return files, info["fingerprint"]
+    return files, info["fingerprint"], tokenizer
 
 
 def injected_nan_steps(variable: str = "MM_INJECT_NAN_STEPS") -> set[int]:

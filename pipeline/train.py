@@ -95,11 +95,13 @@ def run_loop(run: Run) -> dict:
         # ------------------------------------------------------------------ evaluate
         if tp.eval_interval and (step % tp.eval_interval == 0 or step == run.total_steps) and run.data.val:
             # The bare module: no DDP hooks; under FSDP it is the sharded model itself.
-            losses = evaluate_sources(run.raw_model, run.data, tp, run.device, run.autocast)
-            run.val_loss, run.val_losses = losses.pop(""), losses
+            val = evaluate_sources(run.raw_model, run.data, tp, run.device, run.autocast)
+            run.val_loss, run.val_bpb = val.loss, val.bits_per_byte
+            run.val_losses = {n: s.loss for n, s in val.by_source.items()}
+            run.val_bpbs = {n: s.bits_per_byte for n, s in val.by_source.items()}
             if run.world.is_main:
                 row = {"step": step, "val_loss": run.val_loss,
-                       **{f"val_loss/{n}": losses.get(n, math.nan) for n in run.data.names}}
+                       **{f"val_loss/{n}": run.val_losses.get(n, math.nan) for n in run.data.names}}
                 run.val_log.write(**row)
                 run.trackers.log_row(step, "val", row)
                 run.display.val_loss = run.val_loss
@@ -217,11 +219,17 @@ def save(run: Run, step: int) -> None:
     failure = ""
     if run.world.is_main:
         try:
-            metrics = {"train_loss": run.loss, "val_loss": None if math.isnan(run.val_loss) else run.val_loss,
+            metrics = {"train_loss": run.loss, "val_loss": _finite(run.val_loss),
+                       "val_bits_per_byte": _finite(run.val_bpb),
+                       "val_loss_by_source": {n: _finite(v) for n, v in run.val_losses.items()},
+                       "val_bits_per_byte_by_source": {n: _finite(v) for n, v in run.val_bpbs.items()},
                        "tokens_seen": step * run.tokens_per_step, "skipped_steps": run.skipped}
+            # The sources and the tokens drawn from each so far, for the model card; a resume compares
+            # only the fingerprint fields of "data" (checkpoint.check_compatible).
+            data = {**run.fingerprints, "sources": run.data.sources_record(step, run.global_batch)}
             run.trackers.flush()  # what the checkpoint covers is handed to the trackers first
             state = checkpoint_state(step, model_state, optimizer_state, run.scaler, run.model_config, run.tp,
-                                     run.fingerprints, run.tokenizer_files, metrics, run.trackers.state())
+                                     data, run.tokenizer_files, metrics, run.trackers.state())
             save_checkpoint(state, run.out_dir, run.tp.keep_last, require_finite=True)  # checked while hashing
         except UserError as e:
             failure = str(e)
@@ -242,6 +250,7 @@ def finish(run: Run, step: int, elapsed: float) -> dict:
         "processes": run.world.size, "dtype": str(run.amp_dtype).removeprefix("torch."),
         "tokens_by_source": run.data.tokens_seen(step, run.global_batch),
         "val_loss_by_source": run.val_losses,
+        "val_bits_per_byte": run.val_bpb, "val_bits_per_byte_by_source": run.val_bpbs,
         "optimizer": run.tp.optimizer, "compiled": run.compiled, "compile_reason": run.compile_reason,
     }
     if run.world.is_main:
@@ -249,6 +258,11 @@ def finish(run: Run, step: int, elapsed: float) -> dict:
         write_loss_png(run.out_dir)  # the logs are flushed row by row; the cleanup closes them
         finish_trackers(run, step, metrics)
     return metrics
+
+
+def _finite(value: float) -> float | None:
+    """None for NaN (no evaluation yet): what a checkpoint's metrics hold for a figure not measured."""
+    return None if math.isnan(value) else value
 
 
 def _poison_gradient(model) -> None:

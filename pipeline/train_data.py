@@ -4,22 +4,28 @@
     data.sampler.micro_batches(step, rank, world, micro, accum)   # Batch objects (pipeline/sampler.py)
     data.summary(total_steps, global_batch)   # per source: tokens, documents, weight, passes
     data.tokens_seen(step, global_batch)      # per source, exact: the order is a function of the step
-    evaluate_sources(model, data, tp, device, autocast)   # val loss per source and overall
+    data.sources_record(step, global_batch)   # the checkpoint's data["sources"]: weight, tokens drawn
+    evaluate_sources(model, data, tp, device, autocast)   # val loss and bits per byte, per source and overall
 
 Sources with weight 0 are left out: not opened, not required in the store.
 The overall validation loss is the weight-averaged loss of the sources, the
-loss on the training mixture.
+loss on the training mixture; its bits per byte divide that by the
+weight-averaged bytes per token (ln 2 · bytes), so the two stay one figure
+in two units, as `mm eval`'s do.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.params import Params, TrainParams
 from pipeline.sampler import MixtureSampler, SourceSplit, Windows
-from pipeline.scoring import score_tokens
+from pipeline.scoring import Score, score_tokens
 from pipeline.sources import parse_sources
 from pipeline.token_store import TokenStore, open_store
 
@@ -32,6 +38,8 @@ class TrainData:
     sampler: MixtureSampler
     val: dict[str, Windows]
     """Validation windows of each source that has at least one."""
+    byte_lengths: np.ndarray | None = None
+    """UTF-8 bytes of each token id (scoring.token_byte_lengths): validation reports bits per byte with them."""
 
     @property
     def mixture_key(self) -> str:
@@ -52,6 +60,14 @@ class TrainData:
     def tokens_seen(self, step: int, global_batch: int) -> dict[str, int]:
         """Tokens (inputs) of each source in steps 0 .. step-1."""
         return {k: n * self.sampler.seq_len for k, n in self.samples_seen(step, global_batch).items()}
+
+    def sources_record(self, step: int, global_batch: int) -> dict[str, dict]:
+        """What a checkpoint records of each source (its data["sources"], read by the model card):
+        the weight as given, the tokens of its train split, and the tokens drawn from it in steps 0 .. step-1."""
+        seen = self.tokens_seen(step, global_batch)
+        return {name: {"weight": weight, "train_tokens": self.store.sources[name].train.n_tokens,
+                       "tokens_trained": seen[name]}
+                for name, weight in zip(self.names, self.weights, strict=True)}
 
     def summary(self, total_steps: int, global_batch: int) -> str:
         """A table, one row per source: tokens and documents of its train split, normalised
@@ -100,19 +116,35 @@ def open_train_data(store_path: str | Path, weights: dict[str, float], tp: Train
     return TrainData(store=store, names=names, weights=[drawn[n] for n in names], sampler=sampler, val=val)
 
 
-def evaluate_sources(model, data: TrainData, tp: TrainParams, device, autocast) -> dict[str, float]:
-    """Validation loss of each source (eval_batches × micro_batch_size windows of its val split,
-    evenly spread, scored by pipeline/scoring.py as `mm eval` does), and their weight-averaged
-    mean under "" (the loss on the training mixture). Every rank scores all of them."""
-    losses = {}
+@dataclass
+class Validation:
+    """One validation pass: each source's score, and the figures on the training mixture."""
+
+    by_source: dict[str, Score] = field(default_factory=dict)
+    loss: float = math.nan
+    """Weight-averaged loss per token of the sources (nats)."""
+    bits_per_byte: float = math.nan
+    """loss / (ln 2 · weight-averaged bytes per token); NaN without byte lengths."""
+
+
+def evaluate_sources(model, data: TrainData, tp: TrainParams, device, autocast) -> Validation:
+    """Validation loss and bits per byte of each source (eval_batches × micro_batch_size windows of its
+    val split, evenly spread, scored by pipeline/scoring.py as `mm eval` does), and their weight-averaged
+    figures (the training mixture's). Every rank scores all of them."""
+    scores = {}
     for name in data.val:
         split = data.store.sources[name].val
-        score = score_tokens(model, split.tokens, tp.seq_len, tp.eval_batches * tp.micro_batch_size,
-                             tp.micro_batch_size, device, autocast=autocast, source=f"{data.store.path} ({name})",
-                             bos_id=data.store.bos_id)  # doc_ids: a model trained by document scores that way
-        losses[name] = score.loss
+        scores[name] = score_tokens(model, split.tokens, tp.seq_len, tp.eval_batches * tp.micro_batch_size,
+                                    tp.micro_batch_size, device, byte_lengths=data.byte_lengths, autocast=autocast,
+                                    source=f"{data.store.path} ({name})",
+                                    bos_id=data.store.bos_id)  # doc_ids: a model trained by document scores that way
     model.train()
-    weights = {n: w for n, w in zip(data.names, data.weights, strict=True) if n in losses}
-    if losses:
-        losses[""] = sum(weights[n] * loss for n, loss in losses.items()) / sum(weights.values())
-    return losses
+    result = Validation(by_source=scores)
+    weights = {n: w for n, w in zip(data.names, data.weights, strict=True) if n in scores}
+    if scores:
+        total = sum(weights.values())
+        result.loss = sum(weights[n] * s.loss for n, s in scores.items()) / total
+        bytes_per_token = sum(weights[n] * s.bytes / s.tokens for n, s in scores.items()) / total
+        if data.byte_lengths is not None and bytes_per_token > 0:
+            result.bits_per_byte = result.loss / (math.log(2) * bytes_per_token)
+    return result

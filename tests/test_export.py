@@ -151,6 +151,9 @@ def test_export_dir_contents(exports):
     assert tok_config["tokenizer_class"] == "PreTrainedTokenizerFast"
     card = (d / "README.md").read_text()
     assert "4,096" in card and "6.6000" in card and "LlamaForCausalLM" in card
+    # A checkpoint from before sources and bits per byte were recorded still exports, and says so.
+    assert "| data sources | not recorded (token store x) |" in card and "## Training data" not in card
+    assert "| val bits per byte | not recorded (`mm eval` on the val split reports it) |" in card
     from safetensors import safe_open
 
     with safe_open(str(d / "model.safetensors"), "pt") as f:

@@ -13,6 +13,9 @@ What is shown:
                 figures in metrics.json, val_loss per source and overall (their weighted mean), the
                 summary table; two processes give the same per-step losses (1e-5, fp32) and a run
                 stopped halfway and resumed gives the identical log rows
+  model card    the checkpoint records each source's weight and tokens trained on (= train_log.tsv's)
+                and val bits per byte, per source (= the scorer of `mm eval` on the saved weights) and
+                overall; the exported README.md shows those figures
 """
 
 from __future__ import annotations
@@ -242,3 +245,44 @@ def test_two_processes_and_resume_give_the_same_curve(runs):
     keep = [i for i, c in enumerate(header) if c != "tokens_per_s"]
     _, resumed_rows = _rows(runs["resumed"] / "train_log.tsv")
     assert [[r[i] for i in keep] for r in resumed_rows] == [[r[i] for i in keep] for r in ref_rows]
+
+
+def test_checkpoint_records_sources_and_bits_per_byte_and_the_card_shows_them(runs, store, tiny_store, tmp_path):
+    import math
+
+    from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
+    from pipeline.export import export_hf
+    from pipeline.scoring import score_tokens, token_byte_lengths
+    from pipeline.tokenizer import load_tokenizer
+
+    state = load_checkpoint(runs["ref"] / "ckpt.pth")
+    header, rows = _rows(runs["ref"] / "train_log.tsv")
+    recorded, metrics = state["data"]["sources"], state["metrics"]
+    assert list(recorded) == list(WEIGHTS)
+    for n, w in WEIGHTS.items():
+        assert recorded[n]["weight"] == w
+        assert recorded[n]["tokens_trained"] == int(rows[-1][header.index(f"tokens/{n}")])
+    assert sum(e["tokens_trained"] for e in recorded.values()) == metrics["tokens_seen"]
+
+    # Training's validation at the last step is the scorer's on the saved weights (eval_batches 1 × micro 4).
+    model, opened = model_from_checkpoint(state).eval(), open_store(store)
+    lengths = token_byte_lengths(load_tokenizer(tiny_store.tokenizer)[0], model.config.vocab_size)
+    scores = {n: score_tokens(model, opened.sources[n].val.tokens, 32, 4, 4, byte_lengths=lengths,
+                              bos_id=opened.bos_id) for n in WEIGHTS}
+    for n, score in scores.items():
+        assert metrics["val_bits_per_byte_by_source"][n] == pytest.approx(score.bits_per_byte, rel=1e-5)
+    bytes_per_token = sum(WEIGHTS[n] * s.bytes / s.tokens for n, s in scores.items())
+    assert metrics["val_bits_per_byte"] == pytest.approx(metrics["val_loss"] / (math.log(2) * bytes_per_token),
+                                                         rel=1e-12)
+    assert metrics["val_bits_per_byte"] == pytest.approx(
+        sum(WEIGHTS[n] * s.loss for n, s in scores.items()) / (math.log(2) * bytes_per_token), rel=1e-5)
+
+    card = (export_hf(state, tmp_path / "export") / "README.md").read_text()
+    assert "pretrained only" in card
+    assert f"| val bits per byte | {metrics['val_bits_per_byte']:.4f} |" in card
+    assert f"| final val loss (nats/token) | {metrics['val_loss']:.4f} |" in card
+    for n, w in WEIGHTS.items():
+        e = recorded[n]
+        row = (f"| {n} | {w:.3f} | {e['tokens_trained']:,} | {e['train_tokens']:,} | "
+               f"{metrics['val_loss_by_source'][n]:.4f} | {metrics['val_bits_per_byte_by_source'][n]:.4f} |")
+        assert row in card, card
