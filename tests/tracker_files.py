@@ -60,12 +60,16 @@ def leveldb_records(path: Path) -> list[bytes]:
     return out
 
 
-def wandb_runs(wandb_dir: Path) -> dict[str, list[Path]]:
-    """{run id: its .wandb files}, fragments in start order."""
+def runs_by_id(directory: Path, pattern: str) -> dict[str, list[Path]]:
+    """{run id: its files matching pattern (named run-<id>.<ext>)}, fragments in start order."""
     runs: dict[str, list[Path]] = {}
-    for path in sorted(wandb_dir.glob("offline-run-*/run-*.wandb")):
+    for path in sorted(directory.glob(pattern)):
         runs.setdefault(path.stem.removeprefix("run-"), []).append(path)
     return runs
+
+
+def wandb_runs(wandb_dir: Path) -> dict[str, list[Path]]:
+    return runs_by_id(wandb_dir, "offline-run-*/run-*.wandb")
 
 
 def wandb_history(files: list[Path]) -> dict[str, list[tuple[int, float]]]:
@@ -87,10 +91,7 @@ def wandb_history(files: list[Path]) -> dict[str, list[tuple[int, float]]]:
 
 
 def swanlab_runs(log_dir: Path) -> dict[str, list[Path]]:
-    runs: dict[str, list[Path]] = {}
-    for path in sorted(log_dir.glob("run-*/run-*.swanlab")):
-        runs.setdefault(path.stem.removeprefix("run-"), []).append(path)
-    return runs
+    return runs_by_id(log_dir, "run-*/run-*.swanlab")
 
 
 def swanlab_history(files: list[Path]) -> dict[str, list[tuple[int, float]]]:
