@@ -10,8 +10,8 @@ neighbours, not the code):
   kernels   attention alone (forward + backward) at minimind2-small's head shape:
             causal (the model's path), and document attention as one masked SDPA
             call, one masked matmul call, and tiles of 128/256/512 queries
-            (pipeline.doc_attention.document_attention; the kernel inside a tile by
-            pipeline.cpu_attention.use_matmul_attention)
+            (pipeline.model.doc_attention.document_attention; the kernel inside a tile by
+            pipeline.model.cpu_attention.use_matmul_attention)
   steps     whole training steps of minimind2-small (forward, backward, AdamW),
             causal vs document attention with document positions, tokens/s
 
@@ -29,9 +29,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-import pipeline.cpu_attention as C
-import pipeline.doc_attention as D
-import pipeline.model as M
+import pipeline.model.cpu_attention as C
+import pipeline.model.doc_attention as D
+import pipeline.model.transformer as M
 from pipeline.architecture import build_config
 from pipeline.hardware import resolve_dtype
 

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.store.layout import ATTRS_CHECKSUM, FORMAT_NAME, FORMAT_VERSION, attrs_checksum, part_dir
+from pipeline.data.store.reader import open_store
+from pipeline.data.store.writer import CHUNK_TOKENS, OFFSET_CHUNK, group_document, write_metadata
 from pipeline.params import TrainParams
-from pipeline.store_layout import ATTRS_CHECKSUM, FORMAT_NAME, FORMAT_VERSION, attrs_checksum, part_dir
-from pipeline.store_writer import CHUNK_TOKENS, OFFSET_CHUNK, group_document, write_metadata
-from pipeline.token_store import open_store
-from pipeline.train_data import open_train_data
+from pipeline.train.run_data import open_train_data
 
 
 def write_json(path: Path, doc: dict) -> None:
@@ -127,9 +127,9 @@ def main() -> None:
     args = ap.parse_args()
     root = args.out.resolve()
     root.mkdir(parents=True, exist_ok=True)
-    from pipeline.corpus import write_sample
-    from pipeline.tokenize import tokenize_files
-    from pipeline.tokenizer_training import train_tokenizer
+    from pipeline.data.corpus import write_sample
+    from pipeline.data.tokenize import tokenize_files
+    from pipeline.data.tokenizer_training import train_tokenizer
 
     store = root / "tokens.zarr"
     if not (root / "tokenizer").exists():

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint
 from pipeline.architecture import build_config, count_params
-from pipeline.distributed import World, full_state
-from pipeline.model import Transformer
+from pipeline.checkpoint import format as checkpoint
+from pipeline.model.transformer import Transformer
+from pipeline.train.distributed import World, full_state
 
 
 def cpu_name() -> str:

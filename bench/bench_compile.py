@@ -36,7 +36,7 @@ def measure(args) -> dict:
     dtype = resolve_dtype(args.dtype, device)
     c = build_config(args.preset, args.vocab)
     torch.manual_seed(0)
-    model = __import__("pipeline.model", fromlist=["Transformer"]).Transformer(c).to(device)
+    model = __import__("pipeline.model.transformer", fromlist=["Transformer"]).Transformer(c).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     forward = model
     if args.mode == "model":

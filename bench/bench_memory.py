@@ -44,7 +44,7 @@ def rss_mib() -> float:
 def child(setup: dict, variant: str, steps: int, dtype_name: str) -> dict:
     from pipeline.architecture import build_config
     from pipeline.hardware import resolve_dtype
-    from pipeline.model import Transformer
+    from pipeline.model.transformer import Transformer
 
     torch.set_num_threads(1)
     dtype = resolve_dtype(dtype_name, torch.device("cpu"))

@@ -51,8 +51,8 @@ def measure(case: str, steps: int) -> dict:
     import torch.nn.functional as F
 
     from pipeline.architecture import build_config
-    from pipeline.model import Transformer
-    from pipeline.optim import make_optimizer
+    from pipeline.model.transformer import Transformer
+    from pipeline.train.optim import make_optimizer
 
     preset, batch, seq, dtype, vocab, optimizer, loss_kind, checkpointing = parse(case)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -2,7 +2,7 @@
 
 Trains the `tiny` preset (override with --preset/--set-model) for --steps steps in
 fp32 and again in bf16, same seed and data order, through the real loop
-(pipeline.train.train), and reports
+(pipeline.train.loop.train), and reports
 
   * the largest relative difference of the two per-step loss curves, raw and as
     a moving average over --smooth steps, and the final val losses;
@@ -30,14 +30,14 @@ from pathlib import Path
 
 from pipeline.architecture import build_config, save_model_json
 from pipeline.params import Params
-from pipeline.progress import read_log
-from pipeline.train import train
+from pipeline.train.loop import train
+from pipeline.train.progress import read_log
 
 
 def prepare_data(work: Path, vocab: int) -> tuple[Path, Path]:
-    from pipeline.corpus import write_sample
-    from pipeline.tokenize import tokenize_files
-    from pipeline.tokenizer_training import train_tokenizer
+    from pipeline.data.corpus import write_sample
+    from pipeline.data.tokenize import tokenize_files
+    from pipeline.data.tokenizer_training import train_tokenizer
 
     corpus, tokenizer, store = work / "sample.jsonl", work / "tokenizer", work / "tokens.zarr"
     if not store.exists():
@@ -95,7 +95,7 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     store, tokenizer = (args.data, args.tokenizer) if args.data else prepare_data(args.work, args.vocab)
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set_model)}
     config = build_config(args.preset, load_tokenizer(tokenizer)[1]["vocab_size"], overrides)

@@ -18,7 +18,7 @@ import tracemalloc
 
 import numpy as np
 
-from pipeline.sampler import MixtureSampler, SourceSplit
+from pipeline.data.sampler import MixtureSampler, SourceSplit
 
 BOS = 1
 DOC = 1000  # tokens per synthetic document

@@ -118,8 +118,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
     a = ap.parse_args()
 
-    from pipeline.corpus import iter_docs
-    from pipeline.tokenizer_training import train_tokenizer
+    from pipeline.data.corpus import iter_docs
+    from pipeline.data.tokenizer_training import train_tokenizer
 
     work = a.dir or Path(tempfile.mkdtemp(prefix="bench_tokenize_"))
     work.mkdir(parents=True, exist_ok=True)

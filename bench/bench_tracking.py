@@ -4,7 +4,7 @@ Three variants of the same training run alternate over several rounds, so the
 machine's drift hits all alike:
 
   base        `mm train` of a git revision without trackers (--base; default: the parent of
-              the commit that added pipeline/tracking.py), extracted with `git archive`
+              the commit that added pipeline/train/tracking.py), extracted with `git archive`
   none        this checkout, train.trackers empty
   tensorboard this checkout, streaming to TensorBoard (what a tracker costs per step)
 
@@ -36,9 +36,9 @@ def git(*args: str) -> str:
 
 
 def default_base() -> str:
-    added = git("log", "--diff-filter=A", "--format=%H", "--", "pipeline/tracking.py").splitlines()
+    added = git("log", "--diff-filter=A", "--format=%H", "--", "pipeline/train/tracking.py").splitlines()
     if not added:
-        sys.exit("no commit adds pipeline/tracking.py: pass --base REV")
+        sys.exit("no commit adds pipeline/train/tracking.py: pass --base REV")
     return git("rev-parse", f"{added[-1]}^")
 
 
@@ -83,7 +83,7 @@ def train(code: Path, paths: dict, out: Path, args, trackers: str | None) -> flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", help="git revision without trackers (default: before pipeline/tracking.py)")
+    ap.add_argument("--base", help="git revision without trackers (default: before pipeline/train/tracking.py)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seq-len", type=int, default=128)

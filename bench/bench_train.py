@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from pipeline.architecture import build_config, flops_per_token
 from pipeline.hardware import measure_matmul_flops, pick_device, resolve_dtype
-from pipeline.model import Transformer
+from pipeline.model.transformer import Transformer
 
 
 def hf_llama(c):

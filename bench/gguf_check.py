@@ -36,11 +36,11 @@ PROMPTS = [
 def fabricate(root: Path) -> list[Path]:
     """Random-init tiny checkpoints (init std raised so greedy choices are not near-ties)."""
     from pipeline.architecture import build_config
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.corpus import write_sample
-    from pipeline.model import Transformer
-    from pipeline.tokenizer import load_tokenizer
-    from pipeline.tokenizer_training import train_tokenizer
+    from pipeline.checkpoint.format import save_checkpoint
+    from pipeline.data.corpus import write_sample
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer_training import train_tokenizer
+    from pipeline.model.transformer import Transformer
 
     corpus = root / "sample.jsonl"
     write_sample(corpus)
@@ -72,10 +72,10 @@ def check(ckpt: Path, work: Path, n_tokens: int) -> int:
     """Greedy-decode every prompt in mm and llama.cpp; returns the shortest matching prefix."""
     from llama_cpp import Llama
 
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.export import export_gguf
-    from pipeline.generate import generate
-    from pipeline.model_loading import load_model
+    from pipeline.checkpoint.format import load_checkpoint
+    from pipeline.evaluate.generate import generate
+    from pipeline.export.exporter import export_gguf
+    from pipeline.export.loading import load_model
 
     state = load_checkpoint(ckpt)
     gguf_path = export_gguf(state, work / f"{ckpt.parent.name}.gguf", "fp32", source=str(ckpt))
@@ -91,7 +91,7 @@ def check(ckpt: Path, work: Path, n_tokens: int) -> int:
         ids = llm.tokenize(prompt.encode(), add_bos=True, special=False)
         mm_prompt = [loaded.bos_id] + loaded.tokenizer.encode(prompt).ids
         assert ids == mm_prompt, f"tokenization differs: llama.cpp {ids} vs mm {mm_prompt}"
-        # llama.cpp's greedy decoding (ours came from pipeline.generate above), keeping its logits.
+        # llama.cpp's greedy decoding (ours came from pipeline.evaluate.generate above), keeping its logits.
         llm.reset()
         llm.eval(ids)
         theirs, their_logits = [], []

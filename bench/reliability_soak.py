@@ -37,11 +37,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
 
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.corpus import write_sample
-    from pipeline.resume import find_resumable
-    from pipeline.tokenize import tokenize_files
-    from pipeline.tokenizer_training import train_tokenizer
+    from pipeline.checkpoint.format import load_checkpoint
+    from pipeline.data.corpus import write_sample
+    from pipeline.data.tokenize import tokenize_files
+    from pipeline.data.tokenizer_training import train_tokenizer
+    from pipeline.train.resume import find_resumable
 
     root = Path(tempfile.mkdtemp(prefix="mm-soak-"))
     write_sample(root / "sample.jsonl")

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 from pipeline import atomic
-from pipeline.cpu_attention import CPU_MATMUL_ATTENTION_MAX_SCORES
 from pipeline.errors import UserError
-from pipeline.model import ModelConfig
+from pipeline.model.cpu_attention import CPU_MATMUL_ATTENTION_MAX_SCORES
+from pipeline.model.transformer import ModelConfig
 
 # Shapes from MiniMind (README "Model Structure") and its successors; vocab comes from the tokenizer.
 PRESETS: dict[str, dict] = {
@@ -194,7 +194,7 @@ def training_memory(c: ModelConfig, micro_batch: int, seq_len: int, dtype: str =
 
 
 def block_activation_bytes(c: ModelConfig, batch: int, seq_len: int, e: int, device: str = "cpu") -> int:
-    """Bytes one transformer block saves for its backward (pipeline/model.py's Block, e-byte activations).
+    """Bytes one transformer block saves for its backward (pipeline/model/transformer.py's Block, e-byte activations).
 
     Counted tensor by tensor from the autograd graph (tests/test_memory.py checks the
     count against torch's saved-tensor hooks): each RMSNorm keeps its fp32 input, the
@@ -226,10 +226,10 @@ def loss_bytes(tokens: int, vocab: int, e: int) -> int:
 
 
 def fused_loss_bytes(tokens: int, c: ModelConfig, e: int) -> int:
-    """pipeline.fused_loss.LinearCrossEntropy: the gradients for the head's input (fp32) and weight (fp32) are
+    """pipeline.model.fused_loss.LinearCrossEntropy: the gradients for the head's input (fp32) and weight (fp32) are
     formed in the forward and kept; while forming them, one chunk of fp32 logits (and its e-byte copy),
     the e-byte weight and an e-byte (vocab × dim) product per chunk."""
-    from pipeline.fused_loss import LOSS_CHUNK_ELEMENTS
+    from pipeline.model.fused_loss import LOSS_CHUNK_ELEMENTS
 
     chunk = min(tokens * c.vocab_size, max(1, LOSS_CHUNK_ELEMENTS // c.vocab_size) * c.vocab_size)
     return 4 * tokens * c.dim + 4 * c.vocab_size * c.dim + (4 + e) * chunk + 2 * e * c.vocab_size * c.dim

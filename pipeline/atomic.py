@@ -4,7 +4,7 @@ Write to a temporary file in the same directory, flush, fsync it, rename it
 over the target, fsync the directory (so the rename itself survives a power
 cut). On any error the temporary file is removed and the target is untouched.
 Everything the pipeline writes for someone else to read goes through here
-(checkpoints have their own writer in pipeline/checkpoint.py for fault
+(checkpoints have their own writer in pipeline/checkpoint/format.py for fault
 injection and torch.save's error reporting, built on the same `fsync_dir`).
 Writers that need a file name get one from `staged_file`; a directory
 written as a whole (an export, a token store part) is built in `staged_dir`

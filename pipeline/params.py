@@ -27,7 +27,7 @@ from pipeline.params_data import DataParams, TokenizerParams, check_tokenizer_so
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 Compile = Literal["auto", True, False]
 ExportDtype = Literal["fp32", "bf16", "fp16"]
-Tracker = Literal["tensorboard", "wandb", "swanlab"]  # pipeline/trackers.py has one class each
+Tracker = Literal["tensorboard", "wandb", "swanlab"]  # pipeline/train/trackers.py has one class each
 
 
 @dataclass

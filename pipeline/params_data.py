@@ -2,7 +2,7 @@
 `tokenizer` section (its size, and which sources train it).
 
 `pipeline.params` loads and checks them with the other sections; what a source
-entry may hold is checked by `pipeline.sources`.
+entry may hold is checked by `pipeline.data.sources`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class DataParams:
     """Named sources of raw text: NAME → {path, weight, text_field}. path: a file, a list of
     files or a directory (.jsonl, .jsonl.gz, .jsonl.zst, .parquet, a `datasets` directory);
     weight: share of training samples (normalised; 0 leaves the source out); text_field:
-    defaults to data.text_field. Checked by `pipeline.sources`."""
+    defaults to data.text_field. Checked by `pipeline.data.sources`."""
     val_fraction: float = 0.02
     """Fraction of documents (chosen by a hash of their text) held out for validation."""
     text_field: str = "text"
@@ -28,7 +28,7 @@ class DataParams:
     def check(self) -> None:
         if not 0.0 <= self.val_fraction <= 1.0:
             raise ParamError("data.val_fraction", f"must be in [0, 1], got {self.val_fraction}")
-        from pipeline.sources import parse_sources
+        from pipeline.data.sources import parse_sources
 
         parse_sources(self.sources, self.text_field)  # a UserError naming data.sources.NAME.KEY
 

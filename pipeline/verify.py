@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.manifest import MANIFEST, file_sha256, read_manifest
+from pipeline.export.manifest import MANIFEST, file_sha256, read_manifest
 
 
 @dataclass
@@ -49,7 +49,7 @@ def verify(path: str | Path) -> tuple[str, list[Row]]:
         return "token store", verify_store(path)
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return "export", verify_export(path)
-    from pipeline.checkpoint import LATEST, step_checkpoints
+    from pipeline.checkpoint.format import LATEST, step_checkpoints
 
     checkpoints = [p for _, p in sorted(step_checkpoints(path))] + [p for p in [path / LATEST] if p.is_file()]
     if checkpoints:
@@ -69,7 +69,7 @@ def _failed(e: UserError, fallback: Path, check: str) -> Row:
 
 
 def verify_checkpoint(path: Path) -> Row:
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.checkpoint.format import load_checkpoint
 
     try:
         state = load_checkpoint(path)
@@ -85,9 +85,8 @@ def verify_checkpoint(path: Path) -> Row:
 
 def verify_store(root: Path) -> list[Row]:
     """Format 1 (one train/val pair at the root) and format 2 (sources of parts, each a train/val pair)."""
-    from pipeline import store_layout
-    from pipeline import token_store as ts
-
+    from pipeline.data.store import layout as store_layout
+    from pipeline.data.store import reader as ts
     meta_path = root / "zarr.json"
     try:
         attrs = (json.loads(meta_path.read_text(encoding="utf-8")).get("attributes") or {})
@@ -138,7 +137,7 @@ def verify_store(root: Path) -> list[Row]:
 
 
 def _attrs_mismatch(attrs: dict, meta_path: Path) -> Row | None:
-    from pipeline.store_layout import ATTRS_CHECKSUM, attrs_checksum
+    from pipeline.data.store.layout import ATTRS_CHECKSUM, attrs_checksum
 
     if attrs.get(ATTRS_CHECKSUM) != attrs_checksum(attrs):
         return Row(meta_path, "attribute checksum", False, f"{ATTRS_CHECKSUM} missing or not matching the attributes")
@@ -147,8 +146,8 @@ def _attrs_mismatch(attrs: dict, meta_path: Path) -> Row | None:
 
 def _verify_part(root: Path, dtype: np.dtype, vocab: int, hashes: dict, version: str) -> list[Row]:
     """The train/val arrays under `root`; `hashes` maps "train/tokens/c/0" to its recorded sha256."""
-    from pipeline.store_layout import SPLITS
-    from pipeline.store_views import array_layout
+    from pipeline.data.store.layout import SPLITS
+    from pipeline.data.store.views import array_layout
 
     rows = []
     for name in SPLITS:

@@ -31,8 +31,8 @@ def config(
         newton_schulz_flops,
         save_model_json,
     )
+    from pipeline.data.tokenizer import load_tokenizer
     from pipeline.errors import UserError
-    from pipeline.tokenizer import load_tokenizer
 
     p = load(params, sets)
     name = preset or p.model.preset

@@ -46,8 +46,8 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.evaluate import evaluate_model
-    from pipeline.progress import write_metrics
+    from pipeline.evaluate.held_out import evaluate_model
+    from pipeline.train.progress import write_metrics
 
     out = out or Path("out/eval.json")
     result = evaluate_model(model, data, seq_len or p.train.seq_len, p.eval.batches, p.eval.batch_size, device,
@@ -73,8 +73,8 @@ def _benchmarks(model: Path, tasks: list[str], out: Path, p, num_fewshot, limit,
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.bench import metric_rows, run_benchmarks
-    from pipeline.progress import write_metrics
+    from pipeline.evaluate.benchmarks import metric_rows, run_benchmarks
+    from pipeline.train.progress import write_metrics
 
     harness_dir = out.with_suffix("")  # out/bench.json → the harness's own files in out/bench/
     result = run_benchmarks(model, tasks, harness_dir,

@@ -24,10 +24,10 @@ def export(
     """Export a checkpoint for transformers (safetensors + config + tokenizer) or llama.cpp (GGUF)."""
     from rich.console import Console
 
-    from pipeline.checkpoint import load_checkpoint, model_config
+    from pipeline.checkpoint.format import load_checkpoint, model_config
     from pipeline.errors import UserError
-    from pipeline.export import export_gguf, export_hf
-    from pipeline.hf_format import ARCHITECTURES, hf_model_type
+    from pipeline.export.exporter import export_gguf, export_hf
+    from pipeline.export.hf_format import ARCHITECTURES, hf_model_type
 
     p = load(params, sets)
     dtype = dtype or p.export.dtype

@@ -22,9 +22,9 @@ def generate(
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, or auto.")] = "auto",
 ) -> None:
     """Continue PROMPT, streaming text to stdout; tokens/s goes to stderr."""
-    from pipeline.generate import generate as run
+    from pipeline.evaluate.generate import generate as run
+    from pipeline.export.loading import load_model
     from pipeline.hardware import pick_device
-    from pipeline.model_loading import load_model
 
     loaded = load_model(model, device=pick_device(device, local_rank=0))
     stats: dict = {}

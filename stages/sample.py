@@ -17,7 +17,7 @@ def sample(
 ) -> None:
     """Write the embedded default corpus: Python stdlib docstrings as JSONL."""
     load(params, sets)  # validates params.yaml and --set even though nothing here reads them
-    from pipeline.corpus import write_sample
+    from pipeline.data.corpus import write_sample
 
     info = write_sample(out)
     typer.echo(f"wrote {info['documents']} documents ({info['bytes'] / 1e6:.1f} MB) to {info['path']}")

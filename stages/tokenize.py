@@ -61,9 +61,9 @@ def tokenize(
     sets: SetOption = None,
 ) -> None:
     p = load(params, sets)
+    from pipeline.data.sources import parse_sources
+    from pipeline.data.tokenize import init_store, tokenize_files
     from pipeline.errors import UserError
-    from pipeline.sources import parse_sources
-    from pipeline.tokenize import init_store, tokenize_files
 
     if init:
         init_store(out, tokenizer)

@@ -24,8 +24,8 @@ def tokenizer(
     """Train a byte-level BPE tokenizer (Hugging Face format) on text files, or on the
     sources params names in tokenizer.sources (every data.sources entry when that is empty)."""
     p = load(params, sets)
-    from pipeline.sources import parse_sources
-    from pipeline.tokenizer_training import train_tokenizer_on
+    from pipeline.data.sources import parse_sources
+    from pipeline.data.tokenizer_training import train_tokenizer_on
 
     if raw:
         groups = [(list(raw), text_field or p.data.text_field)]

@@ -42,7 +42,7 @@ def train(
     params: ParamsOption = Path("params.yaml"),
     sets: SetOption = None,
 ) -> None:
-    from pipeline.runlock import run_lock
+    from pipeline.train.runlock import run_lock
 
     p = load(params, sets)
     # One writer per out_dir, locked before torch is imported so a second run is refused at once.
@@ -56,8 +56,8 @@ def train(
 
 def _train(p, data, tokenizer, model, resume, allow_data_change, device, gpus, procs, nodes, node_rank, master_addr,
            master_port, rdzv_endpoint, dry_run, params, sets) -> None:
-    from pipeline.distributed import launcher_command, under_launcher
     from pipeline.errors import UserError
+    from pipeline.train.distributed import launcher_command, under_launcher
 
     if gpus and procs:
         raise UserError("--gpus and --procs: give one of them (GPUs use NCCL, CPU processes gloo)")
@@ -98,8 +98,8 @@ def _train(p, data, tokenizer, model, resume, allow_data_change, device, gpus, p
 
 
 def _train_here(p, data, tokenizer, model, resume, allow_data_change, device) -> None:
-    from pipeline.train import PREEMPTED_EXIT_CODE, Preempted
-    from pipeline.train import train as run_training
+    from pipeline.train.loop import PREEMPTED_EXIT_CODE, Preempted
+    from pipeline.train.loop import train as run_training
 
     try:
         metrics = run_training(p, data, tokenizer, model, resume, allow_data_change, device)
@@ -113,8 +113,8 @@ def _train_here(p, data, tokenizer, model, resume, allow_data_change, device) ->
 
 def _run_launcher(cmd: list[str]) -> int:
     """Run torchrun in its own process group; pass stop signals to every process in it."""
-    from pipeline.runlock import held_fds
-    from pipeline.train import PREEMPTED_EXIT_CODE
+    from pipeline.train.loop import PREEMPTED_EXIT_CODE
+    from pipeline.train.runlock import held_fds
 
     # torchrun inherits the out_dir lock: it stays held while torchrun lives, even if this process is killed.
     child = subprocess.Popen(cmd, start_new_session=True, pass_fds=held_fds())

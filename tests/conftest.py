@@ -68,9 +68,9 @@ class TinyData:
 
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory) -> TinyData:
-    from pipeline.corpus import write_sample
-    from pipeline.tokenize import tokenize_files
-    from pipeline.tokenizer_training import train_tokenizer
+    from pipeline.data.corpus import write_sample
+    from pipeline.data.tokenize import tokenize_files
+    from pipeline.data.tokenizer_training import train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_data")
     corpus = root / "sample.jsonl"

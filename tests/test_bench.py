@@ -36,8 +36,8 @@ def _make_items():
 @pytest.fixture(scope="module")
 def fresh(tiny_store, tmp_path_factory) -> dict:
     """A freshly initialised tiny model, saved as a checkpoint the way training saves one, and its export."""
-    from pipeline.checkpoint import load_checkpoint, save_checkpoint
-    from pipeline.export import export_hf
+    from pipeline.checkpoint.format import load_checkpoint, save_checkpoint
+    from pipeline.export.exporter import export_hf
 
     root = tmp_path_factory.mktemp("fresh")
     save_checkpoint(make_state(tiny_store.tokenizer, "tiny", SMALL), root, keep_last=1)
@@ -48,11 +48,11 @@ def fresh(tiny_store, tmp_path_factory) -> dict:
 def bench(tiny_store, fresh, tmp_path_factory) -> dict:
     """Exports of a trained and of a freshly initialised tiny model, and a local task YAML."""
     from pipeline.architecture import build_config, save_model_json
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.export import export_hf
+    from pipeline.checkpoint.format import load_checkpoint
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.export.exporter import export_hf
     from pipeline.params import Params
-    from pipeline.tokenizer import load_tokenizer
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     root = tmp_path_factory.mktemp("bench")
     maker = _make_items()
@@ -98,7 +98,7 @@ def test_local_task_trained_above_chance_fresh_near_it_same_as_the_harness(bench
     # The same numbers from lm_eval.simple_evaluate called directly, with the arguments mm documents.
     script = (
         "import json, sys, lm_eval\n"
-        "from pipeline.bench import harness_arguments\n"
+        "from pipeline.evaluate.benchmarks import harness_arguments\n"
         "r = lm_eval.simple_evaluate(model='hf', model_args=harness_arguments(sys.argv[1]),\n"
         "                            tasks=[sys.argv[2]], num_fewshot=0, batch_size=16, device='cpu')\n"
         "print(json.dumps(r['results']['docstring_mc']))\n"

@@ -58,7 +58,7 @@ def test_gpu_peak_table_matches_whole_names():
 
 
 def test_progress_line_shows_no_val_until_measured_and_names_the_peak(capsys):
-    from pipeline.progress import Display
+    from pipeline.train.progress import Display
 
     display = Display(total_steps=2, start_step=0, log_interval=1, enabled=True)
     display.step(1, 5.0, 1e-3, 1.0, 1000.0, 0.5)
@@ -72,8 +72,8 @@ def test_progress_line_shows_no_val_until_measured_and_names_the_peak(capsys):
 
 @pytest.mark.parametrize("warmup, total", [(2, 12), (0, 5), (5, 10), (3, 4)])
 def test_lr_peaks_on_one_step_and_ends_at_min_lr(warmup, total):
-    from pipeline.optim import lr_at
     from pipeline.params import TrainParams
+    from pipeline.train.optim import lr_at
 
     tp = TrainParams(lr=1e-3, min_lr=1e-4, warmup_steps=warmup)
     lrs = [lr_at(step, tp, total) for step in range(total)]

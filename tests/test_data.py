@@ -27,7 +27,7 @@ PART = "sample/part-00000-of-00001"
 
 def only_part(store: Path):
     """The one part of a store holding one source tokenized in one run (its attributes, arrays)."""
-    from pipeline.token_store import list_parts, list_sources, open_part, part_dir
+    from pipeline.data.store.reader import list_parts, list_sources, open_part, part_dir
 
     (source,) = list_sources(store)
     ((index, count),) = list_parts(store, source)
@@ -74,7 +74,7 @@ def test_sample_corpus_is_real_deduplicated_and_deterministic(tiny_store, tmp_pa
     import json as json_module
     import textwrap
 
-    from pipeline.corpus import MIN_CHARS
+    from pipeline.data.corpus import MIN_CHARS
 
     present = set(texts)
     for fn in (json_module.dumps, textwrap.dedent, inspect.getdoc):
@@ -91,7 +91,7 @@ def test_tokenizer_dir_loads_with_transformers(tiny_store):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     hf = AutoTokenizer.from_pretrained(str(tiny_store.tokenizer))
     assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2)
@@ -112,7 +112,7 @@ def test_tokenizer_cli_streams_jsonl_and_gz(tiny_store, tmp_path):
         g.write(f.read()[:300_000].rsplit(b"\n", 1)[0] + b"\n")
     r = mm("tokenizer", gz, "--vocab-size", 400, "--out", tmp_path / "tok", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     _, info = load_tokenizer(tmp_path / "tok")
     assert info["vocab_size"] == 400 and info["bos_id"] == 1
@@ -126,7 +126,7 @@ def test_tokenizer_cli_streams_jsonl_and_gz(tiny_store, tmp_path):
 
 
 def test_foreign_tokenizer_dirs(tiny_store, tmp_path):
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     # GPT-2 style: only an eos token → bos falls back to eos.
     d = tmp_path / "gpt2ish"
@@ -288,7 +288,7 @@ def test_workers_1_and_2_byte_identical(tiny_store, tmp_path):
     src = tmp_path / "in.jsonl"
     # The corpus plus a few bad lines, small batches so work really spreads over workers.
     src.write_bytes(tiny_store.corpus.read_bytes() + b"oops\n\n" + tiny_store.corpus.read_bytes()[:50_000])
-    from pipeline.tokenize import tokenize_files
+    from pipeline.data.tokenize import tokenize_files
 
     for w in (1, 2):
         tokenize_files([src], tiny_store.tokenizer, tmp_path / f"w{w}.zarr", workers=w, val_fraction=0.05,
@@ -310,8 +310,8 @@ def test_workers_1_and_2_byte_identical(tiny_store, tmp_path):
 def test_zarr_reads_what_memmap_reader_returns(tiny_store, tmp_path, chunk_tokens):
     import zarr
 
-    from pipeline.token_store import ChunkedTokens
-    from pipeline.tokenize import tokenize_files
+    from pipeline.data.store.reader import ChunkedTokens
+    from pipeline.data.tokenize import tokenize_files
 
     path = tiny_store.store
     if chunk_tokens:  # several chunk files per split, last one padded
@@ -361,8 +361,8 @@ def test_array_metadata_is_what_zarr_python_writes(tiny_store, tmp_path):
 def test_fingerprint_and_empty_val_split(tiny_store, tmp_path):
     import zarr
 
-    from pipeline.token_store import open_store
-    from pipeline.tokenize import tokenize_files
+    from pipeline.data.store.reader import open_store
+    from pipeline.data.tokenize import tokenize_files
 
     tokenize_files([tiny_store.corpus], tiny_store.tokenizer, tmp_path / "noval.zarr", val_fraction=0.0,
                    progress=False)
@@ -380,8 +380,8 @@ def test_fingerprint_and_empty_val_split(tiny_store, tmp_path):
 def test_uint32_for_large_vocabularies(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from pipeline.token_store import open_store
-    from pipeline.tokenize import tokenize_files
+    from pipeline.data.store.reader import open_store
+    from pipeline.data.tokenize import tokenize_files
 
     vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "[UNK]": 3}
     vocab.update({f"w{i}": i + 4 for i in range(70_000)})
@@ -424,7 +424,7 @@ def test_cli_user_errors(tiny_store, tmp_path):
                       "forced.zarr", "not a token store")
     assert sorted(p.name for p in out.iterdir()) == ["junk"]
     # --force replaces the one part named, and nothing else: the other source stays as it was.
-    from pipeline.token_store import open_part
+    from pipeline.data.store.reader import open_part
 
     shutil.copytree(tiny_store.store, out := tmp_path / "two.zarr")
     small = tmp_path / "small.jsonl"
@@ -468,7 +468,7 @@ def _corrupt(tiny_store, tmp_path, name) -> Path:
 
 
 def test_corrupt_stores_are_refused_naming_the_file(tiny_store, tmp_path):
-    from pipeline.token_store import open_store
+    from pipeline.data.store.reader import open_store
 
     p = _corrupt(tiny_store, tmp_path, "trunc.zarr")
     chunk = p / PART / "train/tokens/c/0"

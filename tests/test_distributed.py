@@ -4,7 +4,7 @@ Every run here is `mm train` in a subprocess (real torchrun, real worker
 processes, real checkpoints). The reference is one process with
 accumulation 8; the distributed runs keep the global batch at 8 micro-batches
 of 4 (2 processes × accumulation 4, or 2 nodes × 1 process × 4), so by the
-data order (pipeline/sampler.py, docs/design.md) their per-step losses must agree with it to
+data order (pipeline/data/sampler.py, docs/design.md) their per-step losses must agree with it to
 float summation order: 1e-5 in fp32.
 """
 
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
-from pipeline.progress import read_log
+from pipeline.checkpoint.format import load_checkpoint, model_from_checkpoint
+from pipeline.train.progress import read_log
 
 MM = str(Path(sys.executable).with_name("mm"))
 STEPS = 8
@@ -199,7 +199,7 @@ def test_two_processes_match_one_with_double_accumulation(reference, ddp2):
 
 def test_muon_two_processes_match_one_with_double_accumulation(muon_runs):
     # train.optimizer=muon: torch.optim.Muon on the block matrices (its Newton–Schulz in fp32 in an
-    # fp32 run, see pipeline/optim.py), AdamW on the rest; every rank orthogonalises the same
+    # fp32 run, see pipeline/train/optim.py), AdamW on the rest; every rank orthogonalises the same
     # all-reduced gradients.
     assert_same_curve(losses(muon_runs["ddp2_muon"]), losses(muon_runs["ref_muon"]), range(1, STEPS + 1))
     assert '"optimizer": "muon"' in (muon_runs["ddp2_muon"] / "metrics.json").read_text()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.progress import read_log
+from pipeline.train.progress import read_log
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_STAGES = {"sample", "tokenizer", "store", "tokenize@sample", "config", "train", "export", "eval"}

@@ -1,4 +1,4 @@
-"""The one scorer (pipeline/scoring.py) and `mm eval`: stream windows and per-document scoring.
+"""The one scorer (pipeline/evaluate/scoring.py) and `mm eval`: stream windows and per-document scoring.
 
 A tiny random-init model on the shared `tiny_store` val split; the scorer's
 sums are checked against the model run by hand, window by window and
@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.scoring import IGNORE, document_spans, score_tokens, stream_spans, token_nll_sum
+from pipeline.evaluate.scoring import IGNORE, document_spans, score_tokens, stream_spans, token_nll_sum
 
 
 @pytest.fixture(scope="module")
 def model_and_val(tiny_store):
     from pipeline.architecture import build_config
-    from pipeline.model import Transformer
-    from pipeline.token_store import open_store
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.store.reader import open_store
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.model.transformer import Transformer
 
     _, info = load_tokenizer(tiny_store.tokenizer)
     config = build_config("tiny", info["vocab_size"], {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
@@ -95,7 +95,7 @@ def test_mm_eval_per_document(tiny_store, tmp_path):
     from conftest import mm
     from test_export import make_state
 
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.checkpoint.format import save_checkpoint
 
     save_checkpoint(make_state(tiny_store.tokenizer, "tiny", {}), tmp_path / "run", keep_last=1)
     out = tmp_path / "eval.json"

@@ -39,8 +39,8 @@ PROMPTS = [
 
 def make_state(tokenizer_dir: Path, preset: str, overrides: dict, seed: int = 0) -> dict:
     from pipeline.architecture import build_config
-    from pipeline.model import Transformer
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.model.transformer import Transformer
 
     _, info = load_tokenizer(tokenizer_dir)
     config = build_config(preset, info["vocab_size"], {**SMALL, **overrides})
@@ -63,7 +63,7 @@ def make_state(tokenizer_dir: Path, preset: str, overrides: dict, seed: int = 0)
 
 @pytest.fixture(scope="module")
 def ckpts(tiny_store, tmp_path_factory) -> dict[str, Path]:
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.checkpoint.format import save_checkpoint
 
     root = tmp_path_factory.mktemp("ckpts")
     out = {}
@@ -75,8 +75,8 @@ def ckpts(tiny_store, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def exports(ckpts, tmp_path_factory) -> dict[str, Path]:
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.export import export_hf
+    from pipeline.checkpoint.format import load_checkpoint
+    from pipeline.export.exporter import export_hf
 
     root = tmp_path_factory.mktemp("exports")
     out = {name: root / name for name in ckpts}
@@ -111,8 +111,8 @@ def test_export_loads_in_fresh_transformers_process_and_matches(exports, ckpts, 
     """Plain / QK-norm / MoE exports load with AutoModelForCausalLM and
     AutoTokenizer in a new process (no remote code); logits match mm within 1e-4; the
     exported tokenizer encodes mixed text exactly as the training tokenizer."""
-    from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.checkpoint.format import load_checkpoint, model_from_checkpoint
+    from pipeline.data.tokenizer import load_tokenizer
 
     out = tmp_path / "hf.json"
     r = subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps({k: str(v) for k, v in exports.items()}),
@@ -164,9 +164,9 @@ def test_export_dir_contents(exports):
 
 
 def test_reexport_replaces_and_bf16(ckpts, tmp_path):
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.export import export_hf
-    from pipeline.model_loading import load_model
+    from pipeline.checkpoint.format import load_checkpoint
+    from pipeline.export.exporter import export_hf
+    from pipeline.export.loading import load_model
 
     state = load_checkpoint(ckpts["qknorm"])
     d = export_hf(state, tmp_path / "e", "bf16")
@@ -185,9 +185,9 @@ def test_strict_mapping(ckpts, exports, tmp_path):
     """An unexpected or missing weight is an error, both exporting and loading an export back."""
     from safetensors.torch import load_file, save_file
 
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.export import export_hf
-    from pipeline.model_loading import load_model
+    from pipeline.checkpoint.format import load_checkpoint
+    from pipeline.export.exporter import export_hf
+    from pipeline.export.loading import load_model
 
     state = load_checkpoint(ckpts["plain"])
     state["model"]["layers.0.mlp.extra.weight"] = torch.zeros(3)
@@ -210,8 +210,8 @@ def test_strict_mapping(ckpts, exports, tmp_path):
 
 
 def test_generate_from_export_equals_checkpoint_and_streams_utf8(ckpts, exports):
-    from pipeline.generate import generate
-    from pipeline.model_loading import load_model
+    from pipeline.evaluate.generate import generate
+    from pipeline.export.loading import load_model
 
     a, b = load_model(ckpts["qknorm"]), load_model(exports["qknorm"])
     sa, sb = {}, {}
@@ -224,8 +224,8 @@ def test_generate_from_export_equals_checkpoint_and_streams_utf8(ckpts, exports)
 
 
 def test_incremental_decoding_keeps_multibyte_characters_whole(tiny_store):
-    from pipeline.generate import _IncrementalDecoder
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.evaluate.generate import _IncrementalDecoder
 
     tok, _ = load_tokenizer(tiny_store.tokenizer)
     text = "中文 🌍🚀 naïve — done"
@@ -247,8 +247,8 @@ def test_generate_cli_same_seed_same_text(exports, ckpts):
         assert r.stdout.startswith("Once upon a time") and "tokens/s" in r.stderr
     assert runs[0].stdout == runs[1].stdout
 
-    from pipeline.generate import generate
-    from pipeline.model_loading import load_model
+    from pipeline.evaluate.generate import generate
+    from pipeline.export.loading import load_model
 
     def text(model, seed):
         return "".join(generate(load_model(model), "Once upon a time", 24, 1.0, 40, 0.9, 1.1, seed))
@@ -260,8 +260,8 @@ def test_generate_cli_same_seed_same_text(exports, ckpts):
 def test_eval_bits_per_byte_consistent(exports, ckpts, tiny_store, tmp_path):
     """Bits/byte = loss·tokens / (ln 2 · bytes), with bytes those of the scored text;
     a checkpoint and its export score the same."""
-    from pipeline.token_store import open_store
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.store.reader import open_store
+    from pipeline.data.tokenizer import load_tokenizer
 
     out = tmp_path / "eval.json"
     r = mm("eval", exports["moe"], "--data", tiny_store.store, "--out", out, "--seq-len", 32,
@@ -274,7 +274,7 @@ def test_eval_bits_per_byte_consistent(exports, ckpts, tiny_store, tmp_path):
     assert m["perplexity"] == pytest.approx(math.exp(m["val_loss"]))
     # The scored targets are those of 12 windows spread evenly over the val split (the rule training's
     # validation uses): bytes = the UTF-8 length of their text.
-    from pipeline.sampler import eval_windows
+    from pipeline.data.sampler import eval_windows
 
     tok, _ = load_tokenizer(tiny_store.tokenizer)
     val = open_store(tiny_store.store).val.tokens
@@ -283,7 +283,7 @@ def test_eval_bits_per_byte_consistent(exports, ckpts, tiny_store, tmp_path):
     text_bytes = sum(len(tok.decode([int(t) for t in val[w * 32 + 1 : w * 32 + 33]]).encode("utf-8")) for w in windows)
     assert abs(m["bytes"] - text_bytes) <= 6 * 12  # ≤ one split character at each end of a window
 
-    from pipeline.evaluate import evaluate_model
+    from pipeline.evaluate.held_out import evaluate_model
 
     m2 = evaluate_model(ckpts["moe"], tiny_store.store, seq_len=32, batches=3, batch_size=4, device="cpu")
     assert m2["val_loss"] == pytest.approx(m["val_loss"], abs=1e-5) and m2["bytes"] == m["bytes"]
@@ -298,10 +298,10 @@ def test_user_errors(ckpts, tmp_path):
     torch.save({"format": "mm-checkpoint", "version": 99}, old)
     assert_user_error(mm("export", old), "version 99")
 
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.evaluate import evaluate_model
-    from pipeline.export import export_gguf, export_hf
-    from pipeline.model_loading import load_model
+    from pipeline.checkpoint.format import load_checkpoint
+    from pipeline.evaluate.held_out import evaluate_model
+    from pipeline.export.exporter import export_gguf, export_hf
+    from pipeline.export.loading import load_model
 
     with pytest.raises(UserError, match="version 99"):
         load_model(old)
@@ -327,10 +327,10 @@ def test_bad_device_is_a_user_error(ckpts, tiny_store, tmp_path):
 def test_gpt2_style_tokenizer_ids_come_from_the_tokenizer(tiny_store, tmp_path):
     """A tokenizer with only an eos_token (GPT-2/Qwen style): export and generate use EOS as
     BOS and pad, as `mm tokenize` packed the documents; nothing assumes MiniMind's strings."""
-    from pipeline.checkpoint import load_checkpoint, save_checkpoint
-    from pipeline.export import export_hf
-    from pipeline.generate import generate
-    from pipeline.model_loading import load_model
+    from pipeline.checkpoint.format import load_checkpoint, save_checkpoint
+    from pipeline.evaluate.generate import generate
+    from pipeline.export.exporter import export_hf
+    from pipeline.export.loading import load_model
 
     state = make_state(tiny_store.tokenizer, "tiny", {})
     state["tokenizer"] = {"tokenizer.json": state["tokenizer"]["tokenizer.json"],
@@ -359,9 +359,9 @@ def test_gpt2_style_tokenizer_ids_come_from_the_tokenizer(tiny_store, tmp_path):
 def test_gguf_tensors(ckpts, tmp_path, name):
     """GGUF layout: llama arch with q/k rows permuted to interleaved RoPE; qwen3 (NeoX RoPE) as is."""
     gguf = pytest.importorskip("gguf")
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.export import export_gguf
-    from pipeline.gguf_writer import permute_for_llama_cpp
+    from pipeline.checkpoint.format import load_checkpoint
+    from pipeline.export.exporter import export_gguf
+    from pipeline.export.gguf import permute_for_llama_cpp
 
     state = load_checkpoint(ckpts[name])
     path = export_gguf(state, tmp_path / "m.gguf", "fp32")
@@ -385,8 +385,8 @@ def test_gguf_tensors(ckpts, tmp_path, name):
 
 def test_permutation_turns_rotate_half_into_interleaved_rope():
     """The permuted q/k under interleaved RoPE give the same attention scores as ours under rotate-half."""
-    from pipeline.gguf_writer import permute_for_llama_cpp
-    from pipeline.model import apply_rope, rope_tables
+    from pipeline.export.gguf import permute_for_llama_cpp
+    from pipeline.model.transformer import apply_rope, rope_tables
 
     torch.manual_seed(0)
     hd, heads, T, dim = 8, 2, 5, 12

@@ -28,15 +28,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.data.store.reader import open_store, part_dir
+from pipeline.data.store.views import ConcatArray, ConcatOffsets
 from pipeline.errors import UserError
-from pipeline.store_views import ConcatArray, ConcatOffsets
-from pipeline.token_store import open_store, part_dir
 
 
 @pytest.fixture(scope="module")
 def store(tiny_store, tmp_path_factory) -> Path:
     """Sources `three` (3 parts) and `one` (1 part) of the same 600 documents; `other` (80 others)."""
-    from pipeline.tokenize import tokenize_files
+    from pipeline.data.tokenize import tokenize_files
 
     root = tmp_path_factory.mktemp("sources")
     lines = tiny_store.corpus.read_text().splitlines()
@@ -104,7 +104,7 @@ def test_incomplete_or_mixed_parts_are_refused_naming_them(store, tmp_path):
 
 
 def test_a_part_from_another_tokenizer_is_refused(store, tmp_path):
-    from pipeline.token_store import ATTRS_CHECKSUM, attrs_checksum
+    from pipeline.data.store.reader import ATTRS_CHECKSUM, attrs_checksum
 
     copy = tmp_path / "copy.zarr"
     shutil.copytree(store, copy)
@@ -250,10 +250,10 @@ def test_two_processes_and_resume_give_the_same_curve(runs):
 def test_checkpoint_records_sources_and_bits_per_byte_and_the_card_shows_them(runs, store, tiny_store, tmp_path):
     import math
 
-    from pipeline.checkpoint import load_checkpoint, model_from_checkpoint
-    from pipeline.export import export_hf
-    from pipeline.scoring import score_tokens, token_byte_lengths
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.checkpoint.format import load_checkpoint, model_from_checkpoint
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.evaluate.scoring import score_tokens, token_byte_lengths
+    from pipeline.export.exporter import export_hf
 
     state = load_checkpoint(runs["ref"] / "ckpt.pth")
     header, rows = _rows(runs["ref"] / "train_log.tsv")

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pipeline.doc_attention as D
-import pipeline.fused_loss as L
+import pipeline.model.doc_attention as D
+import pipeline.model.fused_loss as L
 from pipeline.architecture import build_config
-from pipeline.cpu_attention import causal_attention_cpu, masked_attention_cpu, use_matmul_attention
-from pipeline.model import KVCache, Transformer
+from pipeline.model.cpu_attention import causal_attention_cpu, masked_attention_cpu, use_matmul_attention
+from pipeline.model.transformer import KVCache, Transformer
 
 
 @pytest.mark.parametrize("heads, kv_heads, T", [(8, 2, 37), (4, 4, 16), (6, 1, 9), (4, 2, 1)])

@@ -20,11 +20,11 @@ import torch
 from conftest import assert_user_error, mm, mm_env
 
 from pipeline.architecture import block_activation_bytes, build_config, config_from_dict, hidden_matrix_shapes
-from pipeline.compiling import CPU_COMPILE_MIN_FLOPS, decide
 from pipeline.errors import UserError
-from pipeline.model import Block, Transformer, rope_tables
-from pipeline.optim import MuonWithAdamW, lr_at, make_optimizer, muon_matrices, orthogonalise, set_lr
+from pipeline.model.transformer import Block, Transformer, rope_tables
 from pipeline.params import TrainParams, load_params
+from pipeline.train.compiling import CPU_COMPILE_MIN_FLOPS, decide
+from pipeline.train.optim import MuonWithAdamW, lr_at, make_optimizer, muon_matrices, orthogonalise, set_lr
 
 
 def small_model() -> Transformer:
@@ -111,7 +111,7 @@ def muon_runs(tiny_store, tmp_path_factory):
 
 
 def test_muon_resume_is_bit_exact(muon_runs):
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.checkpoint.format import load_checkpoint
 
     for r in (muon_runs.straight, muon_runs.first, muon_runs.resumed):
         assert r.returncode == 0, r.stderr[-3000:]

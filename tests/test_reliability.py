@@ -6,9 +6,9 @@ seq_len 32, fp32, so "identical" means bit-identical: losses are compared as the
 exact floats train_log.tsv records, weights with torch.equal.
 
 Fault injection (documented in docs/training.md, "Reliability"):
-  MM_INJECT_NAN_STEPS=3        poison step 3's loss (pipeline/run_setup.py)
+  MM_INJECT_NAN_STEPS=3        poison step 3's loss (pipeline/train/setup.py)
   MM_INJECT_SAVE_FAULT=8:kill  SIGKILL inside the save of step 8, after the tmp file is
-                               complete and before the rename (pipeline/checkpoint.py)
+                               complete and before the rename (pipeline/checkpoint/format.py)
   MM_INJECT_SAVE_FAULT=4:enospc  the save of step 4 fails with ENOSPC after 64 KiB
 """
 
@@ -80,7 +80,7 @@ def log_rows(path: Path) -> list[dict]:
 
 
 def load(path: Path) -> dict:
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.checkpoint.format import load_checkpoint
 
     return load_checkpoint(path)
 
@@ -199,7 +199,7 @@ def test_kill9_at_random_moments_then_resume_is_identical(setup, reference, tmp_
         assert last_step < STEPS
 
     # Now a kill inside save_checkpoint, between the complete tmp file and the rename.
-    from pipeline.resume import find_resumable
+    from pipeline.train.resume import find_resumable
 
     resumable = find_resumable(out)["step"]
     fault_step = resumable + 2
@@ -282,7 +282,7 @@ def test_truncated_newest_checkpoint_is_skipped(setup, reference, tmp_path):
     assert (out / "quarantine/step_00000012.pth").stat().st_size == size // 2
 
     # A flipped byte inside the tensor data (same size) fails the checksum or the zip check.
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.checkpoint.format import load_checkpoint
 
     bad = tmp_path / "flipped.pth"
     shutil.copyfile(reference / "step_00000010.pth", bad)
@@ -384,8 +384,8 @@ def _hostile(path: Path, marker: Path) -> Path:
 
 
 def test_code_running_pickle_is_refused(setup, tmp_path):
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.resume import find_resumable
+    from pipeline.checkpoint.format import load_checkpoint
+    from pipeline.train.resume import find_resumable
 
     # The payload is live: a plain (weights_only=False) load runs it.
     live_marker = tmp_path / "ran-live"
@@ -420,8 +420,8 @@ def test_code_running_pickle_is_refused(setup, tmp_path):
 def other_data(setup):
     """A second tokenizer (trained on part of the corpus) with its store, and a smaller store
     tokenized with the original tokenizer."""
-    from pipeline.tokenize import tokenize_files
-    from pipeline.tokenizer_training import train_tokenizer
+    from pipeline.data.tokenize import tokenize_files
+    from pipeline.data.tokenizer_training import train_tokenizer
 
     root = setup.cwd / "other"
     root.mkdir()
@@ -483,7 +483,7 @@ def _edit_attrs(store: Path, fn) -> None:
     (lambda s: _edit_attrs(s, lambda a: a["inputs"][0].update(sha256="0" * 64)), "zarr.json: attributes altered"),
 ], ids=["truncated-chunk", "missing-chunk", "altered-counts", "altered-vocab", "altered-inputs"])
 def test_store_corruption_detected_on_open(setup, tmp_path, damage, needle):
-    from pipeline.token_store import open_store
+    from pipeline.data.store.reader import open_store
 
     store = tmp_path / "tokens.zarr"
     shutil.copytree(setup.store, store)
@@ -507,7 +507,7 @@ def test_store_corruption_stops_mm_train(setup, tmp_path):
 
 
 def _fake_state(step: int) -> dict:
-    from pipeline.checkpoint import CHECKPOINT_KEYS
+    from pipeline.checkpoint.format import CHECKPOINT_KEYS
 
     state = {k: {} for k in CHECKPOINT_KEYS}
     state.update(format="mm-checkpoint", version=1, step=step, model={"w": torch.full((4,), float(step))},
@@ -516,8 +516,8 @@ def _fake_state(step: int) -> dict:
 
 
 def test_retention_keeps_last_k_and_never_the_only_complete_one(tmp_path, monkeypatch):
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.resume import find_resumable
+    from pipeline.checkpoint.format import save_checkpoint
+    from pipeline.train.resume import find_resumable
 
     out = tmp_path / "out"
     for step in range(1, 6):
@@ -548,7 +548,7 @@ def test_retention_keeps_last_k_and_never_the_only_complete_one(tmp_path, monkey
     assert step_files(out) == [3] and tmp_files(out) == [] and find_resumable(out)["step"] == 3
 
     # Only damaged checkpoints: `--resume auto` refuses to start over quietly.
-    from pipeline.resume import pick_checkpoint
+    from pipeline.train.resume import pick_checkpoint
 
     os.truncate(out / "ckpt.pth", 100)
     with pytest.raises(UserError, match="none of its checkpoints verifies"):
@@ -613,7 +613,7 @@ def test_token_id_equal_to_vocab_stops_training_naming_the_store(setup, tmp_path
     import numpy as np
 
     from pipeline.params import load_params
-    from pipeline.train_data import open_train_data, source_weights
+    from pipeline.train.run_data import open_train_data, source_weights
 
     store = tmp_path / "tokens.zarr"
     shutil.copytree(setup.store, store)

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.sampler import Mixture, MixtureSampler, SourceSplit, Windows, eval_windows
-from pipeline.shuffle import SeededPermutation, seed_key
+from pipeline.data.sampler import Mixture, MixtureSampler, SourceSplit, Windows, eval_windows
+from pipeline.data.shuffle import SeededPermutation, seed_key
 
 BOS, EOS = 1, 2
 

@@ -73,8 +73,8 @@ def mixed_dir(tiny_store, tmp_path_factory) -> Path:
 def test_four_parts_written_out_of_order_and_concurrently_equal_one_run(tiny_store, mixed_dir, tmp_path):
     import zarr
 
-    from pipeline.token_store import list_parts, list_sources, open_part, open_store, part_dir
-    from pipeline.tokenize import tokenize_files
+    from pipeline.data.store.reader import list_parts, list_sources, open_part, open_store, part_dir
+    from pipeline.data.tokenize import tokenize_files
 
     kw = {"source": "mix", "val_fraction": 0.1, "progress": False}
     one = tokenize_files([mixed_dir], tiny_store.tokenizer, tmp_path / "one.zarr", **kw)
@@ -120,7 +120,7 @@ def test_four_parts_written_out_of_order_and_concurrently_equal_one_run(tiny_sto
     assert not [f for f in store.rglob(".*")]  # no lock files or temporaries left
 
     # One writer per part: a second is refused, naming the process that holds the part.
-    from pipeline.store_writer import PartLock
+    from pipeline.data.store.writer import PartLock
 
     with PartLock(store / "mix" / ".part-00001-of-00004.lock", "held"):
         with pytest.raises(UserError, match=rf"part-00001-of-00004: being written by process {os.getpid()}"):
@@ -141,9 +141,9 @@ def test_every_format_gives_the_same_tokens_and_the_same_rejects(tiny_store, tmp
     import pyarrow.parquet as pq
     import zstandard
 
-    from pipeline.token_store import open_part
-    from pipeline.tokenize import tokenize_files
-    from pipeline.tokenizer_training import train_tokenizer
+    from pipeline.data.store.reader import open_part
+    from pipeline.data.tokenize import tokenize_files
+    from pipeline.data.tokenizer_training import train_tokenizer
 
     texts: list = _texts(tiny_store, 0, 400)
     texts[10], texts[20], texts[30] = None, "", "ünïcödé ✓ 漢字 🙂"
@@ -186,8 +186,8 @@ def test_every_format_gives_the_same_tokens_and_the_same_rejects(tiny_store, tmp
 
 
 def test_sources_in_params_drive_mm_tokenizer_and_mm_tokenize(tiny_store, mixed_dir, tmp_path):
+    from pipeline.data.store.reader import list_sources, open_part
     from pipeline.params import load_params
-    from pipeline.token_store import list_sources, open_part
 
     params = tmp_path / "params.yaml"
     params.write_text(f"""

@@ -36,7 +36,7 @@ from tracker_files import (
 )
 
 from pipeline.errors import UserError
-from pipeline.progress import read_log
+from pipeline.train.progress import read_log
 
 MM = str(Path(sys.executable).parent / "mm")
 ALL = "tensorboard,wandb,swanlab"
@@ -149,7 +149,7 @@ def test_a_failing_tracker_is_dropped_with_one_warning(runs):
 
 
 def test_no_trackers_imports_none_of_them():
-    code = ("import sys, pipeline.train, stages.train, stages.cli\n"
+    code = ("import sys, pipeline.train.loop, stages.train, stages.cli\n"
             "loaded = [m for m in ('tensorboard', 'torch.utils.tensorboard', 'wandb', 'swanlab') if m in sys.modules]\n"
             "assert not loaded, loaded\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
@@ -158,7 +158,7 @@ def test_no_trackers_imports_none_of_them():
 def test_unknown_or_missing_tracker_is_one_line_before_any_work(tmp_path, monkeypatch):
     import importlib.util
 
-    from pipeline.tracking import check_trackers
+    from pipeline.train.tracking import check_trackers
 
     r = subprocess.run([MM, "train", "--data", str(tmp_path / "nothing.zarr"),
                         "--set", "train.trackers=tensorboard,mlflow"], cwd=tmp_path, capture_output=True, text=True,

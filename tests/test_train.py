@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import load_checkpoint
-from pipeline.progress import read_log
+from pipeline.checkpoint.format import load_checkpoint
+from pipeline.train.progress import read_log
 
 MM = str(Path(sys.executable).parent / "mm")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MM_INJECT_NAN_STEPS": ""}

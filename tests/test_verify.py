@@ -30,10 +30,10 @@ def flip(path: Path, offset: int) -> None:
 @pytest.fixture(scope="module")
 def artifacts(tiny_store, tmp_path_factory) -> dict[str, Path]:
     from pipeline.architecture import build_config
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.export import export_hf
-    from pipeline.model import Transformer
-    from pipeline.tokenizer import TOKENIZER_FILES, load_tokenizer
+    from pipeline.checkpoint.format import save_checkpoint
+    from pipeline.data.tokenizer import TOKENIZER_FILES, load_tokenizer
+    from pipeline.export.exporter import export_hf
+    from pipeline.model.transformer import Transformer
 
     root = tmp_path_factory.mktemp("verify")
     _, info = load_tokenizer(tiny_store.tokenizer)

@@ -1,0 +1,150 @@
+"""The data side of a training run: the sources it draws from, what it reports about them.
+
+    data = open_train_data(store_path, {"web": 0.6, "code": 0.3, "zh": 0.1}, tp, note)
+    data.sampler.micro_batches(step, rank, world, micro, accum)   # Batch objects (pipeline/data/sampler.py)
+    data.summary(total_steps, global_batch)   # per source: tokens, documents, weight, passes
+    data.tokens_seen(step, global_batch)      # per source, exact: the order is a function of the step
+    data.sources_record(step, global_batch)   # the checkpoint's data["sources"]: weight, tokens drawn
+    evaluate_sources(model, data, tp, device, autocast)   # val loss and bits per byte, per source and overall
+
+Sources with weight 0 are left out: not opened, not required in the store.
+The overall validation loss is the weight-averaged loss of the sources, the
+loss on the training mixture; its bits per byte divide that by the
+weight-averaged bytes per token (ln 2 · bytes), so the two stay one figure
+in two units, as `mm eval`'s do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.sampler import MixtureSampler, SourceSplit, Windows
+from pipeline.data.sources import parse_sources
+from pipeline.data.store.reader import TokenStore, open_store
+from pipeline.errors import UserError
+from pipeline.evaluate.scoring import Score, score_tokens
+from pipeline.params import Params, TrainParams
+
+
+@dataclass
+class TrainData:
+    store: TokenStore
+    names: list[str]
+    weights: list[float]
+    sampler: MixtureSampler
+    val: dict[str, Windows]
+    """Validation windows of each source that has at least one."""
+    byte_lengths: np.ndarray | None = None
+    """UTF-8 bytes of each token id (scoring.token_byte_lengths): validation reports bits per byte with them."""
+
+    @property
+    def mixture_key(self) -> str:
+        """What decides the data order besides the store and the step: normalised weights and
+        window_start (a resume refuses a change without --allow-data-change)."""
+        total = sum(self.weights)
+        mix = " ".join(f"{n}={w / total:.6g}" for n, w in zip(self.names, self.weights, strict=True))
+        return f"{mix} window_start={self.sampler.windows[0].window_start}"
+
+    @property
+    def n_windows(self) -> int:
+        """Training windows of all sources together: what train.epochs counts passes over."""
+        return sum(w.n_windows for w in self.sampler.windows)
+
+    def samples_seen(self, step: int, global_batch: int) -> dict[str, int]:
+        return self.sampler.samples_per_source(step * global_batch)
+
+    def tokens_seen(self, step: int, global_batch: int) -> dict[str, int]:
+        """Tokens (inputs) of each source in steps 0 .. step-1."""
+        return {k: n * self.sampler.seq_len for k, n in self.samples_seen(step, global_batch).items()}
+
+    def sources_record(self, step: int, global_batch: int) -> dict[str, dict]:
+        """What a checkpoint records of each source (its data["sources"], read by the model card):
+        the weight as given, the tokens of its train split, and the tokens drawn from it in steps 0 .. step-1."""
+        seen = self.tokens_seen(step, global_batch)
+        return {name: {"weight": weight, "train_tokens": self.store.sources[name].train.n_tokens,
+                       "tokens_trained": seen[name]}
+                for name, weight in zip(self.names, self.weights, strict=True)}
+
+    def summary(self, total_steps: int, global_batch: int) -> str:
+        """A table, one row per source: tokens and documents of its train split, normalised
+        weight, and the passes over its windows that total_steps make."""
+        seen = self.samples_seen(total_steps, global_batch)
+        total_w = sum(self.weights)
+        rows = [("source", "tokens", "documents", "weight", "passes")]
+        for name, weight, windows in zip(self.names, self.weights, self.sampler.windows, strict=True):
+            split = self.store.sources[name].train
+            rows.append((name, f"{split.n_tokens:,}", f"{split.n_docs:,}", f"{weight / total_w:.3f}",
+                         f"{seen[name] / windows.n_windows:.3g}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+                 for r in rows]
+        return (f"data: {len(self.names)} source{'s' if len(self.names) > 1 else ''} from {self.store.path}, "
+                f"window_start {self.sampler.windows[0].window_start}\n  " + "\n  ".join(lines))
+
+
+def source_weights(params: Params) -> dict[str, float]:
+    """{name: weight} of data.sources, checked (pipeline/data/sources.py)."""
+    return {name: s.weight for name, s in parse_sources(params.data.sources, params.data.text_field).items()}
+
+
+def open_train_data(store_path: str | Path, weights: dict[str, float], tp: TrainParams, note) -> TrainData:
+    """Open the sources with a positive weight and build the sampler; UserErrors name what is wrong."""
+    drawn = {name: w for name, w in weights.items() if w > 0}
+    if not drawn:
+        raise UserError("data.sources: every weight is 0; at least one source must have a positive weight")
+    store = open_store(store_path, sources=list(drawn), note=note)
+    names = list(store.sources)
+    for name in names:
+        split = store.sources[name].train
+        if Windows(split.tokens, split.doc_offsets, tp.seq_len, tp.window_start).n_windows < 1:
+            raise UserError(f"{store_path}: source {name!r} has {split.n_tokens} train tokens in {split.n_docs} "
+                            f"documents: no window of train.seq_len + 1 = {tp.seq_len + 1} tokens"
+                            + (" starting at a document" if tp.window_start == "document" else ""))
+    sampler = MixtureSampler(
+        [SourceSplit(n, drawn[n], store.sources[n].train.tokens, store.sources[n].train.doc_offsets) for n in names],
+        tp.seq_len, tp.seed, store.bos_id, tp.window_start)
+    val = {}
+    for name in names:  # the scorer's windows: every seq_len tokens of the val split
+        split = store.sources[name].val
+        windows = Windows(split.tokens, split.doc_offsets, tp.seq_len)
+        if windows.n_windows:
+            val[name] = windows
+    return TrainData(store=store, names=names, weights=[drawn[n] for n in names], sampler=sampler, val=val)
+
+
+@dataclass
+class Validation:
+    """One validation pass: each source's score, and the figures on the training mixture."""
+
+    by_source: dict[str, Score] = field(default_factory=dict)
+    loss: float = math.nan
+    """Weight-averaged loss per token of the sources (nats)."""
+    bits_per_byte: float = math.nan
+    """loss / (ln 2 · weight-averaged bytes per token); NaN without byte lengths."""
+
+
+def evaluate_sources(model, data: TrainData, tp: TrainParams, device, autocast) -> Validation:
+    """Validation loss and bits per byte of each source (eval_batches × micro_batch_size windows of its
+    val split, evenly spread, scored by pipeline/evaluate/scoring.py as `mm eval` does), and their weight-averaged
+    figures (the training mixture's). Every rank scores all of them."""
+    scores = {}
+    for name in data.val:
+        split = data.store.sources[name].val
+        scores[name] = score_tokens(model, split.tokens, tp.seq_len, tp.eval_batches * tp.micro_batch_size,
+                                    tp.micro_batch_size, device, byte_lengths=data.byte_lengths, autocast=autocast,
+                                    source=f"{data.store.path} ({name})",
+                                    bos_id=data.store.bos_id)  # doc_ids: a model trained by document scores that way
+    model.train()
+    result = Validation(by_source=scores)
+    weights = {n: w for n, w in zip(data.names, data.weights, strict=True) if n in scores}
+    if scores:
+        total = sum(weights.values())
+        result.loss = sum(weights[n] * s.loss for n, s in scores.items()) / total
+        bytes_per_token = sum(weights[n] * s.bytes / s.tokens for n, s in scores.items()) / total
+        if data.byte_lengths is not None and bytes_per_token > 0:
+            result.bits_per_byte = result.loss / (math.log(2) * bytes_per_token)
+    return result
