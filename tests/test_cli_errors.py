@@ -82,3 +82,60 @@ def test_lr_peaks_on_one_step_and_ends_at_min_lr(warmup, total):
     assert lrs[-1] == tp.min_lr  # exactly, at the last step
     peak = lrs.index(tp.lr)
     assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1:], strict=False))  # decays all the way
+
+
+# --------------------------------------------------------------------------- no silent success on empty input
+
+
+def _renamed_field(tiny_store, path: Path, n: int, field: str = "body") -> Path:
+    """The first n documents of the tiny corpus under another field name."""
+    with open(tiny_store.corpus, encoding="utf-8") as f:
+        rows = [json.loads(line)["text"] for _, line in zip(range(n), f, strict=False)]
+    path.write_text("".join(json.dumps({field: t}) + "\n" for t in rows), encoding="utf-8")
+    return path
+
+
+def test_tokenizer_and_tokenize_refuse_input_without_the_text_field(tiny_store, tmp_path):
+    body = _renamed_field(tiny_store, tmp_path / "body.jsonl", 300)
+    line = assert_user_error(mm("tokenizer", body, "--vocab-size", 300, "--out", tmp_path / "tok", cwd=tmp_path),
+                             f"{body}: no usable text in field 'text'", "missing_field (300)", "--text-field")
+    assert "Traceback" not in line and not (tmp_path / "tok").exists()
+    store = tmp_path / "t.zarr"
+    tokenize = ("tokenize", body, "--tokenizer", tiny_store.tokenizer, "--out", store, "--workers", 1)
+    assert_user_error(mm(*tokenize, cwd=tmp_path), f"{body}: no usable text in field 'text'",
+                      f"missing_field (300, first at {body.name}:1)")
+    assert not list((store / "body").glob("part-*")) and not list((store / "body").glob(".*"))  # nothing published
+
+    # The right field: no --force needed for either command.
+    r = mm("tokenizer", body, "--vocab-size", 300, "--out", tmp_path / "tok", "--text-field", "body", cwd=tmp_path)
+    assert r.returncode == 0 and "vocab 300" in r.stdout, r.stderr
+    r = mm(*tokenize, "--text-field", "body", cwd=tmp_path)
+    assert r.returncode == 0 and "kept 300, rejected 0" in r.stdout, r.stderr[-2000:]
+
+
+def test_tokenizer_refuses_csv_json_arrays_empty_files_and_a_vocabulary_the_text_cannot_fill(tiny_store, tmp_path):
+    (tmp_path / "a.csv").write_text("text,id\nhello world,1\n")
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "hello world"}] * 5) + "\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    for name, needle in [("a.csv", "most often not_json (2"), ("a.json", "most often not_object (1"),
+                         ("empty.jsonl", "no text at all")]:
+        assert_user_error(mm("tokenizer", tmp_path / name, "--out", tmp_path / "tok", cwd=tmp_path),
+                          f"{tmp_path / name}: ", needle)
+    small = _renamed_field(tiny_store, tmp_path / "small.jsonl", 20, field="text")
+    assert_user_error(mm("tokenizer", small, "--vocab-size", 50000, "--out", tmp_path / "tok", cwd=tmp_path),
+                      f"{small}: the text ran out at a vocabulary of ", "of the 50,000 asked")
+    assert not (tmp_path / "tok").exists()
+
+
+def test_tokenize_refuses_a_part_whose_every_line_is_rejected(tiny_store, tmp_path):
+    """Part 1 of 2 reads only the second half, where every line lacks the field; part 0 is fine."""
+    good = _renamed_field(tiny_store, tmp_path / "good.jsonl", 200, field="text").read_text()
+    bad = _renamed_field(tiny_store, tmp_path / "bad.jsonl", 200, field="body").read_text()
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(good + bad, encoding="utf-8")
+    store = tmp_path / "t.zarr"
+    args = ("tokenize", mixed, "--tokenizer", tiny_store.tokenizer, "--out", store, "--workers", 1)
+    assert_user_error(mm(*args, "--part", "1/2", cwd=tmp_path), f"{mixed} (part 1/2): no usable text in field 'text'",
+                      "missing_field")
+    assert mm(*args, "--part", "0/2", cwd=tmp_path).returncode == 0
+    assert sorted(p.name for p in (store / "mixed").glob("part-*")) == ["part-00000-of-00002"]

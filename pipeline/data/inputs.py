@@ -180,15 +180,17 @@ def iter_share(share: Share, text_field: str, block_bytes: int = BATCH_BYTES):
     return record
 
 
-def iter_texts(paths: list[str | Path], text_field: str = "text"):
-    """Stream the texts of valid lines and rows of `paths` in order (bad ones skipped
-    silently; `mm tokenize` is where they are counted)."""
+def iter_texts(paths: list[str | Path], text_field: str = "text", rejects: dict[str, int] | None = None):
+    """Stream the texts of valid lines and rows of `paths` in order; bad ones are skipped,
+    counted by reason in `rejects` when given (`mm tokenize` records where they are)."""
     for share in plan_part(expand_inputs(paths), 0, 1):
         for _, task in iter_share(share, text_field):
             if task[0] == "rows":
                 checked = (parse_value(v) for v in task[2])
             else:
                 checked = (parse_line(line, text_field) for line in split_lines(task[3], task[1] or 0))
-            for text, _, _ in checked:
+            for text, _, reason in checked:
                 if text is not None:
                     yield text
+                elif rejects is not None:
+                    rejects[reason] = rejects.get(reason, 0) + 1

@@ -67,6 +67,28 @@ def parse_line(line: bytes, text_field: str) -> tuple[str | None, bytes | None, 
     return text, utf8, None
 
 
+_NO_TEXT_HINTS = {
+    "missing_field": "; name the text's field with --text-field (or the source's text_field)",
+    "not_json": "; the input must be JSON Lines: one JSON object per line",
+    "not_object": "; the input must be JSON Lines: one JSON object per line, not an array",
+}
+
+
+def no_text_error(where: str, text_field: str, counts: dict[str, int], firsts: dict | None = None) -> UserError:
+    """The one line for input that yields no document at all: which input, which field, and the
+    most common reason its lines were rejected (ties: the first in `REASONS`); `firsts`: reason →
+    where the first such line is."""
+    total = sum(counts.values())
+    if not total:
+        return UserError(f"{where}: no text at all (no lines or rows); nothing written")
+    reason = max(REASONS, key=lambda r: counts.get(r, 0))
+    first = (firsts or {}).get(reason)
+    at = f", first at {first}" if first else ""
+    unit = "rows" if first and ":row " in first else "lines"
+    return UserError(f"{where}: no usable text in field '{text_field}': all {total:,} {unit} rejected, most "
+                     f"often {reason} ({counts[reason]:,}{at}){_NO_TEXT_HINTS.get(reason, '')}; nothing written")
+
+
 def parse_value(value) -> tuple[str | None, bytes | None, str | None]:
     """One value of a text column (Parquet, Arrow) → like `parse_line`: the same reasons."""
     if isinstance(value, (bytes, bytearray)):

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from pipeline.atomic import publish_dir
 from pipeline.data.inputs import SUFFIXES, Share, expand_inputs, iter_share, plan_part
-from pipeline.data.readers import BATCH_BYTES
+from pipeline.data.readers import BATCH_BYTES, no_text_error
 from pipeline.data.sources import SOURCE_NAME
 from pipeline.data.store.layout import ATTRS_CHECKSUM, FORMAT_NAME, FORMAT_VERSION, MAX_PARTS, attrs_checksum, part_name
 from pipeline.data.store.reader import read_group_attrs
@@ -212,6 +212,16 @@ def init_store(out: str | Path, tokenizer_dir: str | Path) -> None:
     _open_root(Path(out), _root_attrs(info, token_dtype(info["vocab_size"])))
 
 
+def _check_kept(counts: dict, rejects, inputs: list, files: list, text_field: str, part: tuple[int, int]) -> None:
+    """No document kept is a mistake (a wrong text field, a CSV, an empty file), not a part to publish:
+    an empty part would fail only at `mm train`, and replacing it would need --force. A part of several
+    whose share holds no line at all is fine: small inputs leave some parts nothing to read."""
+    if counts["kept"] or not (counts["rejected"] or part[1] == 1 or not any(f.size for f in files)):
+        return
+    where = ", ".join(map(str, inputs)) + (f" (part {part[0]}/{part[1]})" if part[1] > 1 else "")
+    raise no_text_error(where, text_field, rejects.counts, {r: lines[0] for r, lines in rejects.first.items() if lines})
+
+
 def tokenize_files(
     inputs: list[str | Path],
     tokenizer_dir: str | Path,
@@ -264,6 +274,7 @@ def tokenize_files(
             writer = PartWriter(tmp, dtype, chunk_tokens, strict)
             records = _encode_shares(shares, writer, init, workers, progress, batch_bytes)
             shapes, counts, hashes = writer.finish()
+            _check_kept(counts, writer.rejects, inputs, files, text_field, part)
             attrs = {**_root_attrs(info, dtype), "source": source, "part": {"index": part[0], "count": part[1]},
                      "text_field": text_field, "val_fraction": float(val_fraction), "split_hash": SPLIT_HASH,
                      "inputs": records, "counts": counts, "rejected": writer.rejects.as_attrs(),

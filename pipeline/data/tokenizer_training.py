@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline import atomic
 from pipeline.data.inputs import expand_inputs, iter_texts
+from pipeline.data.readers import no_text_error
 from pipeline.data.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, load_tokenizer
 from pipeline.errors import UserError
 
@@ -59,8 +60,14 @@ def train_tokenizer_on(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    texts = (t for paths, text_field in groups for t in iter_texts(paths, text_field))
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(_texts(groups), trainer=trainer)
+    # Too little text is a mistake to report, not a smaller tokenizer to write: its vocabulary
+    # would silently differ from params (and from model.json's vocab_size).
+    if tok.get_vocab_size() < vocab_size:
+        where = ", ".join(str(p) for paths, _ in groups for p in paths)
+        raise UserError(f"{where}: the text ran out at a vocabulary of {tok.get_vocab_size():,} of the "
+                        f"{vocab_size:,} asked (tokenizer.vocab_size, --vocab-size): give more text or ask for "
+                        f"at most {tok.get_vocab_size():,}; nothing written")
     for i, t in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(t) != i:  # not an assert: it must hold under `python -O` too, and never be a traceback
             raise UserError(f"{out_dir}: special token {t} got id {tok.token_to_id(t)} instead of {i}; "
@@ -90,6 +97,19 @@ def train_tokenizer_on(
                 {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": PAD})
     _, info = load_tokenizer(out)
     return {"path": str(out), "vocab_size": info["vocab_size"], "fingerprint": info["fingerprint"]}
+
+
+def _texts(groups: list[tuple[list[str | Path], str]]):
+    """The texts of each group in order; a group that yields none (a wrong text field, not JSON Lines,
+    an empty file) stops training with one line naming it, before the next group is read."""
+    for paths, text_field in groups:
+        rejects: dict[str, int] = {}
+        kept = 0
+        for text in iter_texts(paths, text_field, rejects):
+            kept += 1
+            yield text
+        if not kept:
+            raise no_text_error(", ".join(map(str, paths)), text_field, rejects)
 
 
 def _write_json(path: Path, obj) -> None:
