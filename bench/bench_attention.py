@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
 from contextlib import contextmanager
 
 import numpy as np
 import torch
+from common import cpu_name, report, seconds_per_call
 
 import pipeline.model.cpu_attention as C
 import pipeline.model.doc_attention as D
@@ -111,9 +110,7 @@ def time_kernels(c, doc_ids, dtype, rounds: int) -> dict:
         for name, (use_mask, constants) in variants.items():
             with patched(**constants):
                 run(use_mask)  # warm-up
-                t0 = time.perf_counter()
-                run(use_mask)
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(seconds_per_call(run, use_mask))
     return {name: round(min(ts) * 1000, 1) for name, ts in times.items()}
 
 
@@ -140,10 +137,7 @@ def time_steps(c, doc_ids, dtype, rounds: int, steps: int) -> dict:
         step(modes[m])  # warm-up
     for _ in range(rounds):
         for m, documents in modes.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step(documents)
-            times[m].append((time.perf_counter() - t0) / steps)
+            times[m].append(seconds_per_call(step, documents, calls=steps))
     out = {m: {"step_s": round(min(ts), 3), "tokens_per_s": round(B * T / min(ts))} for m, ts in times.items()}
     out["document_over_causal"] = round(out["document"]["tokens_per_s"] / out["causal"]["tokens_per_s"], 3)
     return out
@@ -166,7 +160,7 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     lengths = document_lengths(args.corpus, args.tokenizer)
     c = build_config(args.preset, 6400, {"max_seq_len": max(args.seq_lens)})
-    result = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    result = {"cpu": cpu_name(), "threads": torch.get_num_threads(),
               "dtype": str(dtype).removeprefix("torch."), "preset": args.preset, "tokens_per_step": args.tokens,
               "document_tokens_median": int(np.median(lengths)),
               "document_tokens_mean": round(float(lengths.mean()), 1),
@@ -180,10 +174,7 @@ def main() -> None:
             entry["steps"] = time_steps(c, doc_ids, dtype, args.rounds, args.steps)
         result["by_seq_len"][T] = entry
         print(json.dumps({T: entry}), flush=True)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.json)
 
 
 if __name__ == "__main__":

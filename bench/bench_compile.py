@@ -19,7 +19,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
+
+from common import save_json, seconds_per_call
 
 MODES = ("eager", "model", "blocks")
 
@@ -48,21 +49,17 @@ def measure(args) -> dict:
     x = torch.randint(0, c.vocab_size, (args.batch, args.seq_len), device=device)
     y = torch.randint(0, c.vocab_size, (args.batch, args.seq_len), device=device)
 
-    def step() -> float:
-        t0 = time.perf_counter()
+    def step() -> None:
         with autocast:
             logits, _ = forward(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
 
-    first = step()
+    first = seconds_per_call(step, device=device)
     step()
-    times = [step() for _ in range(args.steps)]
+    times = [seconds_per_call(step, device=device) for _ in range(args.steps)]
     return {"mode": args.mode, "first_step_s": first, "step_s": statistics.median(times)}
 
 
@@ -101,9 +98,7 @@ def main() -> None:
             line += (f"   compile ≈ {r['compile_s']:.1f} s   speedup {r['speedup']:.3f}×   "
                      f"break-even {r['break_even_steps']} steps")
         print(line)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+    save_json({"args": vars(args), "results": results}, args.json)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import cpu_name, report
 
 SETUPS = {
     "loss": {"preset": "minimind2-small", "vocab": 65536, "seq_len": 512, "batch": 8,
@@ -105,7 +105,7 @@ def main() -> None:
         results[v] = json.loads(out.strip().splitlines()[-1])
     a, b = (results[v] for v in setup["variants"])
     summary = {
-        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "threads_per_variant": 1,
+        "cpu": cpu_name(), "torch": torch.__version__, "threads_per_variant": 1,
         **{k: setup[k] for k in ("preset", "vocab", "seq_len", "batch")}, "dtype": args.dtype, "steps": args.steps,
         "variants": results,
         "peak_rss_ratio": round(b["peak_rss_mib"] / a["peak_rss_mib"], 3),
@@ -114,10 +114,7 @@ def main() -> None:
         "speed_ratio": round(a["step_s_median"] / b["step_s_median"], 3),
         "max_loss_difference": max(abs(x - y) for x, y in zip(a["losses"], b["losses"], strict=True)),
     }
-    print(json.dumps(summary, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
+    report(summary, args.json)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import os
 import subprocess
 import sys
 
+from common import save_json
+
 # preset, micro batch, seq len, dtype, vocab, optimizer[, loss full|fused[, checkpointing none|blocks]]
 CASES = [
     "tiny,16,256,bf16,6400,adamw",
@@ -128,9 +130,7 @@ def main() -> None:
         mib = 2**20
         print(f"{case:42s} peak {r['peak_bytes'] / mib:7.0f} MiB  runtime {r['runtime_bytes'] / mib:5.0f}  "
               f"tensors {tensors / mib:7.0f}  estimate {est['total'] / mib:7.0f}  ratio {r['ratio']:.2f}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    save_json(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -13,42 +13,15 @@ source number up to 4·10^9 (stream) or 10^9 (document).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import tracemalloc
-
-import numpy as np
+from pathlib import Path
 
 from pipeline.data.sampler import MixtureSampler, SourceSplit
 
-BOS = 1
-DOC = 1000  # tokens per synthetic document
-
-
-class SyntheticTokens:
-    """n tokens without storage; a BOS every DOC tokens."""
-
-    dtype = np.dtype("uint16")
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, key: slice) -> np.ndarray:
-        idx = np.arange(key.start, key.stop, dtype=np.int64)
-        return np.where(idx % DOC == 0, BOS, 3 + idx % 997).astype(np.uint16)
-
-
-class SyntheticOffsets:
-    def __init__(self, n_tokens: int):
-        self.n_tokens = n_tokens
-
-    def __len__(self) -> int:
-        return -(-self.n_tokens // DOC) + 1
-
-    def __getitem__(self, i: int) -> np.int64:
-        return np.int64(min(int(i) * DOC, self.n_tokens))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from synthetic import BOS, SyntheticOffsets, SyntheticTokens  # noqa: E402  (tests/synthetic.py: shared with the tests)
 
 
 def measure(n_tokens: int, window_start: str, seq_len: int, micro: int, accum: int, steps: int) -> dict:

@@ -11,11 +11,10 @@ against a bf16 (or fp32) matmul peak measured in this run as well.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
 import torch
 import torch.nn.functional as F
+from common import report, seconds_per_call, sync
 
 from pipeline.architecture import build_config, flops_per_token
 from pipeline.hardware import measure_matmul_flops, pick_device, resolve_dtype
@@ -42,11 +41,6 @@ def step_fn(model, optimizer, x, y, autocast, is_hf: bool):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -86,12 +80,8 @@ def main() -> None:
     for _ in range(args.rounds):
         peaks.append(measure_matmul_flops(device, dtype if dtype != torch.float32 else torch.float32))
         for name in runners:
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step_fn(runners[name], optimizers[name], x, y, autocast, name == "transformers")
-            sync(device)
-            times[name].append((time.perf_counter() - t0) / args.steps)
+            times[name].append(seconds_per_call(step_fn, runners[name], optimizers[name], x, y, autocast,
+                                                name == "transformers", calls=args.steps, device=device))
 
     tokens = args.batch * args.seq_len
     flops = flops_per_token(c, args.seq_len) * tokens
@@ -103,10 +93,7 @@ def main() -> None:
         t = min(ts)
         result[name] = {"step_s": round(t, 4), "tokens_per_s": round(tokens / t, 1), "mfu": round(flops / t / peak, 4)}
     result["speed_ratio_mm_over_transformers"] = round(result["transformers"]["step_s"] / result["mm"]["step_s"], 3)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+from synthetic import SyntheticOffsets, SyntheticTokens
 
 from pipeline.data.sampler import Mixture, MixtureSampler, SourceSplit, Windows, eval_windows
 from pipeline.data.shuffle import SeededPermutation, seed_key
@@ -199,33 +200,6 @@ def test_eval_windows_are_evenly_spread_and_exact():
 # ---------------------------------------------------------------------------
 # Scale: O(1) memory and time whatever the number of tokens and windows
 # ---------------------------------------------------------------------------
-
-
-class SyntheticTokens:
-    """n tokens without storage: documents of 1000 tokens (BOS at every multiple of 1000)."""
-
-    dtype = np.dtype("uint16")
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, key: slice) -> np.ndarray:
-        idx = np.arange(key.start, key.stop, dtype=np.int64)
-        return np.where(idx % 1000 == 0, BOS, 3 + idx % 997).astype(np.uint16)
-
-
-class SyntheticOffsets:
-    def __init__(self, n_tokens: int):
-        self.n_tokens = n_tokens
-
-    def __len__(self) -> int:
-        return -(-self.n_tokens // 1000) + 1
-
-    def __getitem__(self, i: int) -> np.int64:
-        return np.int64(min(int(i) * 1000, self.n_tokens))
 
 
 @pytest.mark.parametrize("window_start", ["stream", "document"])
