@@ -32,7 +32,7 @@ import pipeline.model.cpu_attention as C
 import pipeline.model.doc_attention as D
 import pipeline.model.transformer as M
 from pipeline.architecture import build_config
-from pipeline.hardware import resolve_dtype
+from pipeline.hardware import pick_device, resolve_dtype
 
 
 def document_lengths(corpus: str, tokenizer_dir: str, text_field: str = "text") -> np.ndarray:
@@ -70,8 +70,11 @@ def patched(**values):
             setattr(holder[k], k, v)
 
 
-def kernel_variants(T: int) -> dict:
-    """name → (use doc mask, constants): every way the model can compute attention on a CPU."""
+def kernel_variants(T: int, device: torch.device) -> dict:
+    """name → (use doc mask, constants): every way the model can compute attention on a CPU; on a
+    GPU, causal SDPA vs FlexAttention's document block mask."""
+    if device.type == "cuda":
+        return {"causal": (False, {}), "document, FlexAttention": (True, {})}
     never, always = 0, 2**62
     variants = {
         "causal": (False, {}),
@@ -90,10 +93,11 @@ def kernel_variants(T: int) -> dict:
 
 def time_kernels(c, doc_ids, dtype, rounds: int) -> dict:
     B, T = doc_ids.shape
+    device = doc_ids.device
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(B, c.n_heads, T, c.head_dim, generator=g).to(dtype).requires_grad_()
-    k = torch.randn(B, c.n_kv_heads, T, c.head_dim, generator=g).to(dtype).requires_grad_()
-    v = torch.randn(B, c.n_kv_heads, T, c.head_dim, generator=g).to(dtype).requires_grad_()
+    q = torch.randn(B, c.n_heads, T, c.head_dim, generator=g).to(device, dtype).requires_grad_()
+    k = torch.randn(B, c.n_kv_heads, T, c.head_dim, generator=g).to(device, dtype).requires_grad_()
+    v = torch.randn(B, c.n_kv_heads, T, c.head_dim, generator=g).to(device, dtype).requires_grad_()
 
     def run(use_mask):
         if use_mask:
@@ -104,25 +108,27 @@ def time_kernels(c, doc_ids, dtype, rounds: int) -> dict:
             y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         y.sum().backward()
 
-    variants = kernel_variants(T)
+    variants = kernel_variants(T, device)
     times = {name: [] for name in variants}
     for _ in range(rounds):
         for name, (use_mask, constants) in variants.items():
             with patched(**constants):
                 run(use_mask)  # warm-up
-                times[name].append(seconds_per_call(run, use_mask))
+                times[name].append(seconds_per_call(run, use_mask, device=device))
     return {name: round(min(ts) * 1000, 1) for name, ts in times.items()}
 
 
 def time_steps(c, doc_ids, dtype, rounds: int, steps: int) -> dict:
     B, T = doc_ids.shape
+    device = doc_ids.device
     torch.manual_seed(0)
-    model = M.Transformer(c)
+    model = M.Transformer(c).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    idx = torch.randint(3, c.vocab_size, (B, T))
-    targets = torch.randint(3, c.vocab_size, (B, T))
-    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    idx = torch.randint(3, c.vocab_size, (B, T)).to(device)
+    targets = torch.randint(3, c.vocab_size, (B, T)).to(device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     modes = {"causal": False, "document": True}
+    losses = {m: [] for m in modes}
 
     def step(documents: bool):
         model.document_attention = model.document_positions = documents
@@ -131,14 +137,16 @@ def time_steps(c, doc_ids, dtype, rounds: int, steps: int) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        losses["document" if documents else "causal"].append(loss.detach())
 
     times = {m: [] for m in modes}
     for m in modes:
         step(modes[m])  # warm-up
     for _ in range(rounds):
         for m, documents in modes.items():
-            times[m].append(seconds_per_call(step, documents, calls=steps))
-    out = {m: {"step_s": round(min(ts), 3), "tokens_per_s": round(B * T / min(ts))} for m, ts in times.items()}
+            times[m].append(seconds_per_call(step, documents, calls=steps, device=device))
+    out = {m: {"step_s": round(min(ts), 3), "tokens_per_s": round(B * T / min(ts)),
+               "losses_finite": bool(torch.stack(losses[m]).isfinite().all())} for m, ts in times.items()}
     out["document_over_causal"] = round(out["document"]["tokens_per_s"] / out["causal"]["tokens_per_s"], 3)
     return out
 
@@ -154,10 +162,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="timed training steps per round and mode")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--skip-steps", action="store_true", help="kernels only")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
-    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    device = pick_device(args.device, 0)
+    dtype = resolve_dtype(args.dtype, device)
     lengths = document_lengths(args.corpus, args.tokenizer)
     c = build_config(args.preset, 6400, {"max_seq_len": max(args.seq_lens)})
     result = {"cpu": cpu_name(), "threads": torch.get_num_threads(),
@@ -166,7 +176,7 @@ def main() -> None:
               "document_tokens_mean": round(float(lengths.mean()), 1),
               "by_seq_len": {}}
     for T in args.seq_lens:
-        doc_ids = packed_doc_ids(lengths, max(1, args.tokens // T), T, seed=T)
+        doc_ids = packed_doc_ids(lengths, max(1, args.tokens // T), T, seed=T).to(device)
         per_window = (doc_ids[:, -1] - doc_ids[:, 0] + 1).float().mean()
         entry = {"batch": doc_ids.size(0), "documents_per_window": round(float(per_window), 1),
                  "kernel_ms": time_kernels(c, doc_ids, dtype, args.rounds)}
