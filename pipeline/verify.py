@@ -8,6 +8,8 @@ recomputes every hash that was recorded when the files were written:
                    token id < vocab_size, doc offsets non-decreasing from 0 to the
                    token count
     checkpoint     the sha256 over its contents that save_checkpoint stored in it
+    GGUF file      the header, the tensors' offsets and sizes against the file, and
+                   the sha256 of the tensor data the export recorded in it
     run directory  every checkpoint in it (step files and ckpt.pth)
     export         every file listed in SHA256SUMS (written by `mm export`), and the
                    safetensors header against the file size
@@ -40,11 +42,21 @@ class Row:
 
 def verify(path: str | Path) -> tuple[str, list[Row]]:
     """(kind, rows) for whatever `path` is; UserError when it is none of the known kinds."""
-    path = Path(path)
+    from pipeline.data.store.remote import location
+
+    path = location(path)  # a local path, or an s3://, gs://, az:// URL (a RemotePath: stores only)
+    if not isinstance(path, Path):
+        return "token store", verify_store(path)
     if not path.exists():
         raise UserError(f"{path}: not found")
     if path.is_file():
-        return "checkpoint", [verify_checkpoint(path)]
+        kind = _file_kind(path)
+        if kind == "GGUF":
+            return kind, [verify_gguf(path)]
+        if kind == "checkpoint":
+            return kind, [verify_checkpoint(path)]
+        raise UserError(f"{path}: not an mm file (mm verify checks a checkpoint, a GGUF export, a token store, "
+                        "a run directory or an export directory)")
     if (path / "zarr.json").is_file():
         return "token store", verify_store(path)
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
@@ -55,6 +67,17 @@ def verify(path: str | Path) -> tuple[str, list[Row]]:
     if checkpoints:
         return "run directory", [verify_checkpoint(p) for p in checkpoints]
     raise UserError(f"{path}: not a token store, checkpoint, run directory or export directory")
+
+
+def _file_kind(path: Path) -> str | None:
+    """By the first bytes (a checkpoint is a zip archive), or by the name when those are damaged."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF" or (path.suffix == ".gguf" and magic[:2] != b"PK"):
+        return "GGUF"
+    if magic == b"PK\x03\x04" or path.suffix in (".pth", ".pt"):
+        return "checkpoint"
+    return None
 
 
 def _failed(e: UserError, fallback: Path, check: str) -> Row:
@@ -76,6 +99,13 @@ def verify_checkpoint(path: Path) -> Row:
     except UserError as e:
         return _failed(e, path, "checkpoint checksum")
     return Row(path, "checkpoint checksum", True, f"step {state['step']}, sha256 of the contents matches")
+
+
+def verify_gguf(path: Path) -> Row:
+    from pipeline.export.gguf import check_gguf
+
+    ok, detail = check_gguf(path)
+    return Row(path, "GGUF header, tensor sizes, sha256", ok, detail)
 
 
 # ---------------------------------------------------------------------------
@@ -174,7 +204,7 @@ def _read_array(array_dir: Path, length: int) -> np.ndarray:
     meta = json.loads((array_dir / "zarr.json").read_text(encoding="utf-8"))
     chunk_len = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
     n_chunks = -(-length // chunk_len) if length else 0
-    parts = [np.fromfile(array_dir / "c" / str(i), dtype="<i8") for i in range(n_chunks)]
+    parts = [np.frombuffer((array_dir / "c" / str(i)).read_bytes(), dtype="<i8") for i in range(n_chunks)]
     return np.concatenate(parts)[:length] if parts else np.zeros(0, dtype=np.int64)
 
 

@@ -111,3 +111,38 @@ def test_verify_checks_ids_and_offsets_in_process(artifacts, tmp_path):
 
     row = _check_offsets(part / "val/doc_offsets", np.asarray(offsets), int(offsets[-1]))
     assert not row.ok and row.path == part / "val/doc_offsets" and "below" in row.detail
+
+
+def test_verify_recognises_a_gguf_export_and_its_flipped_tensor_byte(artifacts, tmp_path):
+    pytest.importorskip("gguf")
+    from pipeline.checkpoint.format import load_checkpoint
+    from pipeline.export.exporter import export_gguf
+
+    path = export_gguf(load_checkpoint(artifacts["checkpoint"]), tmp_path / "model.gguf", "fp16")
+    r = mm("verify", path)
+    assert r.returncode == 0 and "(GGUF)" in r.stdout and "BAD" not in r.stdout, (r.stdout, r.stderr)
+    from pipeline.verify import verify
+
+    kind, rows = verify(path)  # in process: the table folds long text at the terminal's width
+    assert kind == "GGUF" and rows[0].ok and rows[0].detail.endswith("sha256 of the tensor data matches"), rows
+
+    import gguf
+
+    last = max(gguf.GGUFReader(path).tensors, key=lambda t: t.data_offset)
+    flipped = tmp_path / "flipped.gguf"
+    shutil.copyfile(path, flipped)
+    flip(flipped, last.data_offset + last.n_bytes // 2)  # a weight byte: header and sizes still agree
+    line = error_line(mm("verify", flipped))
+    assert line.startswith(f"error: {flipped}: sha256 of the tensor data differs"), line
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:-4096])
+    assert error_line(mm("verify", cut)).startswith(f"error: {cut}: ")
+
+
+def test_verify_says_not_an_mm_file_for_other_files(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    line = error_line(mm("verify", data))
+    assert line == f"error: {data}: not an mm file (mm verify checks a checkpoint, a GGUF export, a token store, " \
+                   "a run directory or an export directory)", line

@@ -1,5 +1,10 @@
 """GGUF (llama.cpp) writer: the plain or QK-norm model and its byte-level BPE tokenizer.
 
+The file records the sha256 of its tensor data (every tensor's bytes in file
+order, the alignment padding excluded) under the key `mm.tensor_data.sha256`:
+a GGUF file is one file, with no SHA256SUMS beside it, so `mm verify`
+(`check_gguf`) finds a flipped byte in the weights from the file alone.
+
 The plain model goes out as arch `llama`, whose RoPE rotates adjacent pairs
 (2i, 2i+1) while ours (like HF) rotates (i, i + head_dim/2); so the rows of
 q_proj and k_proj are permuted inside each head exactly as llama.cpp's
@@ -9,6 +14,7 @@ as arch `qwen3`, which uses the NeoX (rotate-half) RoPE: no permutation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -17,6 +23,8 @@ import torch
 from pipeline import atomic
 from pipeline.errors import UserError
 from pipeline.model.transformer import ModelConfig
+
+TENSOR_SHA256 = "mm.tensor_data.sha256"  # llama.cpp ignores keys it does not know
 
 
 def permute_for_llama_cpp(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -81,7 +89,9 @@ def write_gguf(path: Path, weights: dict, config: ModelConfig, tok: dict, ids: d
             writer = gguf.GGUFWriter(str(tmp), arch)
             _add_hyperparameters(writer, config, arch, file_type)
             _add_vocabulary(writer, config, tok, ids, pre)
-            _add_weights(writer, weights, config, arch, matrix_type)
+            sha = hashlib.sha256()
+            _add_weights(writer, weights, config, arch, matrix_type, sha)
+            writer.add_string(TENSOR_SHA256, sha.hexdigest())  # the header is written after all adds
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -141,9 +151,9 @@ def _add_vocabulary(writer, config: ModelConfig, tok: dict, ids: dict, pre: str)
     writer.add_add_eos_token(False)
 
 
-def _add_weights(writer, weights: dict, config: ModelConfig, arch: str, matrix_type) -> None:
+def _add_weights(writer, weights: dict, config: ModelConfig, arch: str, matrix_type, sha) -> None:
     for ours, theirs in _GGUF_GLOBAL.items():
-        _add_tensor(writer, theirs, weights[ours], matrix_type)
+        _add_tensor(writer, theirs, weights[ours], matrix_type, sha)
     for i in range(config.n_layers):
         for name, gguf_name in _GGUF_BLOCK.items():
             key = f"layers.{i}.{name}"
@@ -154,20 +164,56 @@ def _add_weights(writer, weights: dict, config: ModelConfig, arch: str, matrix_t
                 w = permute_for_llama_cpp(w, config.n_heads)
             elif arch == "llama" and name == "self_attn.k_proj.weight":
                 w = permute_for_llama_cpp(w, config.n_kv_heads)
-            _add_tensor(writer, f"blk.{i}.{gguf_name}", w, matrix_type)
+            _add_tensor(writer, f"blk.{i}.{gguf_name}", w, matrix_type, sha)
     # No output.weight: llama.cpp ties the output head to token_embd when it is absent.
 
 
-def _add_tensor(writer, name: str, t: torch.Tensor, matrix_type) -> None:
+def _add_tensor(writer, name: str, t: torch.Tensor, matrix_type, sha) -> None:
+    """Add one tensor, and its bytes as they will be written to `sha`."""
     import gguf
     import numpy as np
 
     t = t.detach().float().cpu()
+    raw = None
     if t.dim() == 1 or matrix_type == gguf.GGMLQuantizationType.F32:
-        writer.add_tensor(name, t.numpy().astype(np.float32))  # norms stay fp32, as llama.cpp's converter keeps them
+        data = t.numpy().astype(np.float32)  # norms stay fp32, as llama.cpp's converter keeps them
     elif matrix_type == gguf.GGMLQuantizationType.F16:
-        writer.add_tensor(name, t.numpy().astype(np.float16))
+        data = t.numpy().astype(np.float16)
     else:  # bf16: quantize to the raw 16-bit pattern the gguf package expects
-        data = gguf.quants.quantize(t.numpy(), gguf.GGMLQuantizationType.BF16)
-        writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        data, raw = gguf.quants.quantize(t.numpy(), gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
+    data = np.ascontiguousarray(data)
+    sha.update(data.tobytes())  # little-endian, as tofile writes it
+    writer.add_tensor(name, data, raw_dtype=raw)
+
+
+def check_gguf(path: Path) -> tuple[bool, str]:
+    """(ok, what was found): the header parses, the tensors tile the data section and fill the file,
+    and the sha256 of the tensor data matches `mm.tensor_data.sha256` (when the file records it)."""
+    try:
+        import gguf
+    except ImportError:
+        raise UserError(f"{path}: checking a GGUF file needs the gguf package: pip install 'mm[gguf]'") from None
+    try:
+        reader = gguf.GGUFReader(path)
+        tensors = sorted(reader.tensors, key=lambda t: t.data_offset)
+        field = reader.fields.get(TENSOR_SHA256)
+        recorded = bytes(field.parts[field.data[0]]).decode("ascii") if field is not None else None
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError, MemoryError) as e:
+        return False, f"not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})"
+    size, align, at = path.stat().st_size, reader.alignment, reader.data_offset
+    for t in tensors:  # each tensor starts where the previous one (padded to the alignment) ends
+        if t.data_offset != at:
+            return False, f"tensor {t.name} starts at byte {t.data_offset}, expected {at}"
+        at = -(-(t.data_offset + t.n_bytes) // align) * align
+    if size not in (at, tensors[-1].data_offset + tensors[-1].n_bytes if tensors else at):
+        return False, f"file is {size:,} bytes, its tensors describe {at:,} (truncated or extended?)"
+    found = f"{len(tensors)} tensors, sizes consistent"
+    if recorded is None:
+        return True, f"{found}; no {TENSOR_SHA256} (not written by mm): tensor data not hashed"
+    sha = hashlib.sha256()
+    for t in tensors:
+        sha.update(reader.data[t.data_offset:t.data_offset + t.n_bytes])
+    if sha.hexdigest() != recorded:
+        return False, f"sha256 of the tensor data differs from the one recorded at export ({TENSOR_SHA256})"
+    return True, f"{found}; sha256 of the tensor data matches"
 
