@@ -22,10 +22,12 @@ def generate(
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, or auto.")] = "auto",
 ) -> None:
     """Continue PROMPT, streaming text to stdout; tokens/s goes to stderr."""
+    from pipeline.evaluate.generate import check_sampling
     from pipeline.evaluate.generate import generate as run
     from pipeline.export.loading import load_model
     from pipeline.hardware import pick_device
 
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)  # before anything is printed
     loaded = load_model(model, device=pick_device(device, local_rank=0))
     stats: dict = {}
     sys.stdout.write(prompt)
@@ -34,5 +36,7 @@ def generate(
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    print(f"{stats['new_tokens']} tokens in {stats['seconds']:.2f} s: {stats['tokens_per_second']:.1f} tokens/s",
-          file=sys.stderr)
+    why = {"end_of_text": "stopped at end-of-text", "max_new_tokens": "stopped at --max-new-tokens",
+           "context": "stopped at the model's context length"}[stats["stop"]]
+    print(f"{stats['new_tokens']} tokens in {stats['seconds']:.2f} s: {stats['tokens_per_second']:.1f} tokens/s; "
+          f"{why}", file=sys.stderr)

@@ -139,3 +139,15 @@ def test_tokenize_refuses_a_part_whose_every_line_is_rejected(tiny_store, tmp_pa
                       "missing_field")
     assert mm(*args, "--part", "0/2", cwd=tmp_path).returncode == 0
     assert sorted(p.name for p in (store / "mixed").glob("part-*")) == ["part-00000-of-00002"]
+
+
+# --------------------------------------------------------------------------- small ones
+
+
+@pytest.mark.parametrize("option, value, needle", [("--temperature", "-1", "--temperature -1.0: must be >= 0"),
+                                                   ("--top-p", "0", "--top-p 0.0: must be in (0, 1]"),
+                                                   ("--top-k", "-3", "--top-k -3: must be >= 0")])
+def test_generate_names_a_bad_option_before_printing_anything(tmp_path, option, value, needle):
+    r = mm("generate", tmp_path / "no-model", "Once upon a time", option, value)
+    assert_user_error(r, needle)
+    assert r.stdout == ""  # the prompt is not echoed before the error

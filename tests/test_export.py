@@ -406,3 +406,21 @@ def test_permutation_turns_rotate_half_into_interleaved_rope():
     q, k = interleaved(permute_for_llama_cpp(wq, heads)), interleaved(permute_for_llama_cpp(wk, heads))
     got = q @ k.transpose(-1, -2)
     assert torch.allclose(ref, got, atol=1e-5)
+
+
+def test_generate_says_why_it_stopped(ckpts):
+    """At --max-new-tokens (the command's last line says so), and at end-of-text: the model's own
+    greedy first token taken as EOS, so the first step meets it."""
+    import dataclasses
+
+    from pipeline.evaluate.generate import generate
+    from pipeline.export.loading import load_model
+
+    r = mm("generate", ckpts["plain"], "Once upon a time", "--max-new-tokens", 3, "--temperature", 0)
+    assert r.returncode == 0 and r.stderr.strip().endswith("stopped at --max-new-tokens"), r.stderr
+    loaded, stats = load_model(ckpts["plain"]), {}
+    list(generate(loaded, "Once upon a time", 3, 0.0, 0, 1.0, 1.0, 0, stats))
+    assert stats["stop"] == "max_new_tokens" and stats["new_tokens"] == 3
+    first = stats["token_ids"][0]
+    list(generate(dataclasses.replace(loaded, eos_id=first), "Once upon a time", 3, 0.0, 0, 1.0, 1.0, 0, stats))
+    assert stats["stop"] == "end_of_text" and stats["new_tokens"] == 0

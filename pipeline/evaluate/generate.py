@@ -51,6 +51,19 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor, temperature: float, to
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                   repetition_penalty: float) -> None:
+    """UserError naming the first option out of range, as `mm generate` spells it (NaN fails every rule)."""
+    rules = [("--max-new-tokens", max_new_tokens, max_new_tokens >= 0, ">= 0"),
+             ("--temperature", temperature, temperature >= 0, ">= 0 (0 = greedy)"),
+             ("--top-k", top_k, top_k >= 0, ">= 0 (0 = all tokens)"),
+             ("--top-p", top_p, 0 < top_p <= 1, "in (0, 1] (1 = off)"),
+             ("--repetition-penalty", repetition_penalty, repetition_penalty > 0, "> 0 (1 = off)")]
+    for option, value, ok, want in rules:
+        if not ok:
+            raise UserError(f"{option} {value}: must be {want}")
+
+
 def generate(
     loaded: LoadedModel,
     prompt: str,
@@ -63,18 +76,18 @@ def generate(
     stats: dict | None = None,
 ) -> Iterator[str]:
     """Yield text pieces as they are produced. `stats` (if given) receives
-    new_tokens, token_ids, seconds and tokens_per_second at the end."""
+    new_tokens, token_ids, seconds, tokens_per_second and `stop` (end_of_text, max_new_tokens
+    or context: why it ended) at the end."""
     from pipeline.model.transformer import KVCache
 
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or repetition_penalty <= 0 or max_new_tokens < 0:
-        raise UserError("sampling: need temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0, "
-                        "max_new_tokens >= 0")
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     model, tok = loaded.model, loaded.tokenizer
     config = model.config
     device = next(model.parameters()).device
     prompt_ids = [loaded.bos_id] + tok.encode(prompt).ids
     if len(prompt_ids) >= config.max_seq_len:
         raise UserError(f"prompt: {len(prompt_ids)} tokens, the model's context is {config.max_seq_len}")
+    stop = "max_new_tokens" if max_new_tokens <= config.max_seq_len - len(prompt_ids) else "context"
     max_new_tokens = min(max_new_tokens, config.max_seq_len - len(prompt_ids))
 
     generator = torch.Generator(device=device)
@@ -90,6 +103,7 @@ def generate(
         for _ in range(max_new_tokens):
             nxt = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
             if nxt == loaded.eos_id:
+                stop = "end_of_text"
                 break
             out_ids.append(nxt)
             seen = torch.cat([seen, torch.tensor([nxt], device=device)])
@@ -105,7 +119,7 @@ def generate(
     seconds = time.perf_counter() - start
     if stats is not None:
         stats.update(new_tokens=len(out_ids), token_ids=out_ids, prompt_tokens=len(prompt_ids),
-                     seconds=seconds, tokens_per_second=len(out_ids) / seconds if seconds > 0 else 0.0)
+                     seconds=seconds, tokens_per_second=len(out_ids) / seconds if seconds > 0 else 0.0, stop=stop)
 
 
 class _IncrementalDecoder:
