@@ -60,8 +60,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
     if name not in DTYPES:
         raise UserError(f"train.dtype: expected auto, bf16, fp16 or fp32, got '{name}'")
-    if name == "fp16" and device.type == "cpu":
-        raise UserError("train.dtype: fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    # fp16 runs on the CPU too (autocast and the GradScaler support it), slowly: it is there to run the
+    # GPU's fp16 path (loss scaling, skipped overflows) where no GPU is; bf16 is the CPU's fast dtype.
     return DTYPES[name]
 
 

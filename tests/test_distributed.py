@@ -10,6 +10,7 @@ float summation order: 1e-5 in fp32.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -279,6 +280,23 @@ def test_fsdp_checkpoint_loads_in_one_process(resumed, reference, ddp2, fsdp2):
     with torch.no_grad():
         a, b = fsdp_model(x)[0], ddp_model(x)[0]
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+def test_fp16_under_fsdp_skips_a_nonfinite_step_and_finishes(work, tiny_store):
+    """fp16 with two FSDP processes: the GradScaler's inf flag agreed across ranks, the scaler updated on
+    the skipped step too (else the next step raised), both ranks skip step 3's non-finite loss, and finish."""
+    root, model = work
+    out = root / "fsdp2_fp16"
+    cmd = train_cmd(tiny_store, model, out, "max_steps=4", "accumulation_steps=2", "parallel=fsdp", "dtype=fp16",
+                    procs=2)
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**env(), "MM_INJECT_NAN_STEPS": "3"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = read_log(out / "train_log.tsv")
+    assert [r["skipped"] for r in rows] == [0, 0, 1, 1]
+    assert math.isnan(rows[2]["loss"]) and all(math.isfinite(r["loss"]) for i, r in enumerate(rows) if i != 2)
+    state = load_checkpoint(out / "ckpt.pth")
+    assert state["step"] == 4 and state["scaler"]["scale"] > 0
+    assert all(bool(torch.isfinite(t).all()) for t in state["model"].values())
 
 
 # ---------------------------------------------------------------------------

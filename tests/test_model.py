@@ -219,6 +219,31 @@ def test_chunked_loss_matches_full_logits(dtype, monkeypatch):
         assert (full_grads[name] - p.grad).abs().max() <= tol * scale, name
 
 
+def test_fp16_loss_gradient_is_formed_in_fp32():
+    """Under fp16 autocast the fused loss's gradients are the fp32 gradients of the logits it computed.
+    They are formed before a GradScaler's scale reaches them: in fp16 the many probabilities below fp16's
+    smallest normal (6e-5) would flush and every product round to 11 bits (~5e-4 relative)."""
+    torch.manual_seed(0)
+    N, C, V = 64, 32, 4000
+    x = (torch.randn(N, C) * 0.5).requires_grad_()  # logits spread over ~±15: most probabilities tiny
+    weight = torch.randn(V, C).requires_grad_()
+    targets = torch.randint(0, V, (N,))
+    scale = 2.0**16 / N  # what a GradScaler's scale times the per-token mean sends back
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = L.linear_cross_entropy(x, weight, targets)
+    (loss * scale).backward()
+
+    # The reference: the same fp16 logits, everything after them in float64.
+    x16, w16 = x.detach().half(), weight.detach().half()
+    d = (x16 @ w16.t()).double().softmax(-1)
+    d[torch.arange(N), targets] -= 1.0
+    assert loss.item() == pytest.approx(F.cross_entropy((x16 @ w16.t()).double(), targets, reduction="sum").item(),
+                                        rel=1e-6)
+    for got, ref in ((x.grad, d @ w16.double() * scale), (weight.grad, d.t() @ x16.double() * scale)):
+        assert got.dtype == torch.float32
+        assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_activation_checkpointing_gives_identical_gradients():
     """Blocks recomputed in backward: the same loss and bit-identical gradients in fp32, with and
     without document attention (the mask travels through torch.utils.checkpoint)."""

@@ -365,6 +365,26 @@ def test_nan_loss_aborts_under_abort(setup, tmp_path):
     assert not (out / "metrics.json").exists()
 
 
+def test_fp16_grad_scaler_skips_a_nonfinite_loss_and_finishes(setup, tmp_path):
+    """train.dtype=fp16 on the CPU runs the GPU's loss-scaling path (fp16 autocast, a GradScaler). A
+    non-finite loss at step 3 is skipped and counted, and the scaler is updated all the same: without
+    that update the next step's unscale_() raised. The run finishes; a resume loads the scaler's state."""
+    out = tmp_path / "out"
+    sets = ["train.max_steps=5", "train.save_interval=2", "train.eval_interval=0", "train.dtype=fp16"]
+    r = ok(mm_train(setup, out, sets=[*sets, "train.stop_after=4"], env=mm_env(MM_INJECT_NAN_STEPS="3")))
+    assert "step 3: non-finite loss (nan)" in r.stderr
+    ok(mm_train(setup, out, sets=sets))  # resumes at step 4 with the scaler's saved scale
+    rows = log_rows(out / "train_log.tsv")
+    losses = [row["loss"] for row in rows]
+    assert len(losses) == 5 and losses[2] == "nan"
+    assert all(float(x) > 0 for i, x in enumerate(losses) if i != 2)
+    assert [int(row["skipped"]) for row in rows] == [0, 0, 1, 1, 1]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dtype"] == "float16" and metrics["skipped_steps"] == 1
+    state = load(out / "ckpt.pth")
+    assert state["step"] == 5 and state["scaler"]["scale"] > 0 and all_finite(state["model"])
+
+
 # ---------------------------------------------------------------------------
 # 6. A checkpoint crafted to run code is refused and the code never runs
 # ---------------------------------------------------------------------------

@@ -22,8 +22,13 @@ class LinearCrossEntropy(torch.autograd.Function):
     cross-entropy is softmax − one-hot, so each chunk's gradients for x and
     weight are formed in the forward pass, right after its logits, and the
     backward only scales them by the incoming gradient: no logits are kept and
-    none recomputed. The matmuls run in `dtype` (autocast's, or x's own), as
-    F.linear under autocast would; the weight's gradient sums in fp32.
+    none recomputed. The logits' matmul runs in `dtype` (autocast's, or x's own),
+    as F.linear under autocast would; the weight's gradient sums in fp32.
+
+    In fp16 the gradient part (softmax − one-hot and its two matmuls) runs in
+    fp32: it is formed here, before the GradScaler's scale reaches it in the
+    backward, so in fp16 its small probabilities would underflow to zero and the
+    products round to 11 bits. bf16 has fp32's range and keeps `dtype`.
     """
 
     @staticmethod
@@ -31,11 +36,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         N, V = x.size(0), weight.size(0)
         rows = max(1, LOSS_CHUNK_ELEMENTS // V)
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = torch.empty_like(x) if want_x else None
+        grad_dtype = torch.float32 if dtype == torch.float16 else dtype  # see the class docstring
+        grad_x = torch.empty_like(x, dtype=torch.promote_types(x.dtype, grad_dtype)) if want_x else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
         with torch.autocast(x.device.type, enabled=False):
             w = weight.to(dtype)
+            w_grad = w.to(grad_dtype)  # the weight the logits used, in the gradient's dtype
             for i in range(0, N, rows):
                 xs, ts = x[i : i + rows].to(dtype), targets[i : i + rows]
                 scored = ts != IGNORE_INDEX
@@ -46,23 +53,23 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if want_x or want_w:
                     d = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                     d[torch.arange(len(ts), device=d.device), ts] -= 1.0
-                    d = d.to(dtype)
+                    d = d.to(grad_dtype)
                     # Unscored rows are zeroed in the small (rows, C) factors, not in d (rows, V).
                     if want_x:
-                        grad_x[i : i + rows] = (d @ w) * scored[:, None]
-                    xs = xs * scored[:, None].to(dtype)
-                    if want_w and dtype == torch.float32:
+                        grad_x[i : i + rows] = (d @ w_grad) * scored[:, None]
+                    xs = xs.to(grad_dtype) * scored[:, None].to(grad_dtype)
+                    if want_w and grad_dtype == torch.float32:
                         grad_w.addmm_(d.t(), xs)
                     elif want_w:
                         grad_w += d.t() @ xs
         ctx.save_for_backward(grad_x, grad_w)
-        ctx.weight_dtype = weight.dtype
+        ctx.x_dtype, ctx.weight_dtype = x.dtype, weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return (grad_x * grad_loss if grad_x is not None else None,
+        return ((grad_x * grad_loss).to(ctx.x_dtype) if grad_x is not None else None,
                 (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None, None, None)
 
 

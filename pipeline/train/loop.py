@@ -168,17 +168,24 @@ def train_step(run: Run, step: int) -> StepStats:
     run.loss, stop_now = agreed[0].item() / world.size, agreed[1].item() > 0
 
     # ------------------------------------------------------------------ clip and step
+    # fp16: the scaler's unscale_ finds inf/NaN gradients (an overflow: its step() skips and update()
+    # lowers the scale; not counted as a skip). Under FSDP each rank checks only its shard, so the flag
+    # is agreed across ranks first. update() follows every unscale_, also when the step is skipped
+    # below: without it the next step's unscale_ raises.
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
+        _agree_on_overflow(run.scaler, run.optimizer, world)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tp.grad_clip or float("inf"))
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    if math.isfinite(run.loss) and (math.isfinite(grad_norm) or run.scaler is not None):
+    stepped = math.isfinite(run.loss) and (math.isfinite(grad_norm) or run.scaler is not None)
+    if stepped:
         if run.scaler:
             run.scaler.step(run.optimizer)
-            run.scaler.update()
         else:
             run.optimizer.step()
-    else:
+    if run.scaler:
+        run.scaler.update()
+    if not stepped:
         run.skipped += 1
         run.display.message(f"step {step + 1}: non-finite loss ({run.loss}) or grad norm ({grad_norm}); step skipped")
         if tp.nonfinite == "abort" or run.skipped > tp.max_skips:
@@ -263,6 +270,15 @@ def finish(run: Run, step: int, elapsed: float) -> dict:
 def _finite(value: float) -> float | None:
     """None for NaN (no evaluation yet): what a checkpoint's metrics hold for a figure not measured."""
     return None if math.isnan(value) else value
+
+
+def _agree_on_overflow(scaler: torch.amp.GradScaler, optimizer, world) -> None:
+    """Every rank skips or steps together: the scaler's inf/NaN flags, maxed over ranks. The all-reduce
+    torch's ShardedGradScaler does in its unscale_ (that class is not used: its (1,)-shaped flag breaks
+    fused AdamW's step). A rank's flag covers only its own gradient shard under FSDP."""
+    if world.distributed:
+        for found_inf in scaler._found_inf_per_device(optimizer).values():
+            torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
 
 
 def _poison_gradient(model) -> None:

@@ -148,7 +148,7 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
     run.sync_counter = distributed.grad_sync_counter(run.model)
     if run.amp_dtype != torch.float32:
         run.autocast = torch.autocast(run.device.type, dtype=run.amp_dtype)
-    run.scaler = torch.amp.GradScaler("cuda") if run.amp_dtype == torch.float16 else None
+    run.scaler = torch.amp.GradScaler(run.device.type) if run.amp_dtype == torch.float16 else None
     run.compiled, run.compile_reason = decide_compile(tp.compile, run.device, config, tp.seq_len, run.tokens_per_step,
                                                       run.total_steps)
     run.forward = torch.compile(run.model) if run.compiled else run.model
