@@ -98,13 +98,17 @@ def _train(p, data, tokenizer, model, resume, allow_data_change, device, gpus, p
 
 
 def _train_here(p, data, tokenizer, model, resume, allow_data_change, device) -> None:
-    from pipeline.train.loop import PREEMPTED_EXIT_CODE, Preempted
+    from pipeline.train.loop import INTERRUPTED_EXIT_CODE, Preempted
     from pipeline.train.loop import train as run_training
 
     try:
         metrics = run_training(p, data, tokenizer, model, resume, allow_data_change, device)
-    except Preempted:
-        raise typer.Exit(PREEMPTED_EXIT_CODE) from None
+    except Preempted as e:
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops at the next step, with a checkpoint)
+        print(f"interrupted: stopped at once, mid-step; rerun to continue from the last checkpoint in "
+              f"{p.train.out_dir}", file=sys.stderr)
+        raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line from rank 0
         shown = {k: v for k, v in metrics.items() if v is not None and not isinstance(v, dict)}  # not per source
         summary = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
@@ -121,9 +125,13 @@ def _run_launcher(cmd: list[str]) -> int:
     forwarded: list[int] = []
 
     def forward(signum, frame):
+        # torchrun passes a signal on to its workers once more as it shuts down, so a first Ctrl-C goes
+        # out as SIGTERM (a worker's second SIGINT would stop it mid-step); a second one kills at once.
+        sent = signal.SIGKILL if signum == signal.SIGINT and signal.SIGINT in forwarded else (
+            signal.SIGTERM if signum == signal.SIGINT else signum)
         forwarded.append(signum)
         try:
-            os.killpg(child.pid, signum)
+            os.killpg(child.pid, sent)
         except ProcessLookupError:
             pass
 

@@ -723,3 +723,70 @@ def test_second_run_on_the_same_out_dir_is_refused_until_the_first_dies(setup, t
     third = ok(mm_train(setup, out, "--resume", "none", sets=["train.max_steps=2", "train.eval_interval=0"]))
     assert "step 2/2" in third.stderr
     assert (out / ".lock").read_text().strip() != str(first.pid)
+
+
+# ---------------------------------------------------------------------------
+# 13. Ctrl-C keeps progress: the first SIGINT stops like SIGTERM (exit 130), a second one at once
+# ---------------------------------------------------------------------------
+
+
+def test_sigint_saves_the_step_it_stopped_at_and_resumes_identically(setup, reference, tmp_path):
+    out = tmp_path / "out"
+    no_saves = ["train.save_interval=100"]  # every step before 12 is one that would not be saved
+    proc = subprocess.Popen(train_cmd(setup, out, sets=no_saves), cwd=setup.cwd, env=mm_env(),
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if STEP_LINE.match(line) and int(STEP_LINE.match(line).group(1)) >= 3:
+            proc.send_signal(signal.SIGINT)
+            break
+    stderr = "".join(lines) + proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, (proc.returncode, stderr[-3000:])
+    assert "Ctrl-C: finishing this step and saving a checkpoint" in stderr and "Traceback" not in stderr
+    step = int(re.search(r"stop requested: saved step (\d+) in .*; rerun with --resume auto", stderr).group(1))
+    assert 3 <= step < STEPS and step_files(out) == [step] and load(out / "ckpt.pth")["step"] == step
+
+    r = ok(mm_train(setup, out, sets=no_saves))
+    assert f"resuming from {out / f'step_{step:08d}.pth'} at step {step}" in r.stderr
+    assert_matches_reference(out, reference)  # bit for bit in fp32, as after SIGTERM
+
+
+def test_a_second_sigint_stops_at_once():
+    from pipeline.train.setup import StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    stop = StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.interrupted  # the first: a request, no exception
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes; this never finishes
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+# ---------------------------------------------------------------------------
+# 14. Starting over never deletes a run
+# ---------------------------------------------------------------------------
+
+
+def test_resume_none_moves_the_earlier_run_aside(setup, reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    sets = ["train.max_steps=2", "train.eval_interval=0"]
+    r = ok(mm_train(setup, out, "--resume", "none", sets=sets))
+    said = [line for line in r.stderr.splitlines() if line.startswith("--resume none: moved")]
+    assert len(said) == 1 and f"in {out} (checkpoints up to step 12) to {out / 'superseded'}/" in said[0], r.stderr
+    moved = Path(re.search(r" to (\S+); nothing was deleted$", said[0]).group(1))
+    assert moved.parent == out / "superseded"
+    assert {p.relative_to(moved): p.read_bytes() for p in moved.rglob("*") if p.is_file()} == before
+    assert step_files(out) == [2] and load(out / "ckpt.pth")["step"] == 2  # the new run, beside the old
+    assert len(log_rows(out / "train_log.tsv")) == 2 and len(log_rows(moved / "train_log.tsv")) == STEPS
+
+    # A second fresh start moves the second run aside too; the first stays where it was.
+    ok(mm_train(setup, out, "--resume", "none", sets=sets))
+    assert len(list((out / "superseded").iterdir())) == 2 and step_files(moved) == [8, 10, 12]

@@ -38,10 +38,15 @@ from pipeline.train.setup import Run, StopRequest, open_outputs, setup
 from pipeline.train.tracking import check_trackers, finish_trackers, open_trackers, peak_memory_mb
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; rerun to resume
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports Ctrl-C; the checkpoint is saved all the same
 
 
 class Preempted(Exception):
-    """SIGTERM/SIGUSR1 arrived: every rank stopped at the same step boundary and saved."""
+    """SIGTERM/SIGUSR1 or a first Ctrl-C arrived: every rank stopped at the same step boundary and saved."""
+
+    def __init__(self, step: int, exit_code: int = PREEMPTED_EXIT_CODE):
+        super().__init__(step)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -53,7 +58,7 @@ class StepStats:
     lr: float
     grad_norm: float
     grad_syncs: int  # micro-steps whose backward all-reduced gradients (DDP; see distributed.GradSyncCounter)
-    stop_requested: bool  # some rank got SIGTERM/SIGUSR1: all stop after this step
+    stop_requested: bool  # some rank got SIGTERM/SIGUSR1/SIGINT: all stop after this step
     started: float  # time.perf_counter() at the start of the step
 
 
@@ -117,7 +122,7 @@ def run_loop(run: Run) -> dict:
                                 "rerun with --resume auto to continue")
             if run.world.distributed:  # every rank says where it stopped: the logs show that they agree
                 print(f"rank {run.world.rank}: stopped after step {step}", file=sys.stderr, flush=True)
-            raise Preempted(step)
+            raise Preempted(step, INTERRUPTED_EXIT_CODE if run.stop.interrupted else PREEMPTED_EXIT_CODE)
         if pause:
             run.display.message(f"train.stop_after={tp.stop_after}: saved step {step} of {run.total_steps} in "
                                 f"{run.out_dir}; rerun with --resume auto to continue")

@@ -17,6 +17,7 @@ from pipeline.atomic import fsync_dir
 from pipeline.checkpoint.format import LATEST, STEP_FILE, load_checkpoint, point_latest, step_checkpoints
 from pipeline.checkpoint.read import CheckpointCorrupt
 from pipeline.errors import UserError
+from pipeline.train.runlock import LOCK_FILE
 
 QUARANTINE = "quarantine"
 
@@ -65,9 +66,16 @@ def find_resumable(out_dir: Path, warn=print, quarantine: bool = True) -> dict |
     return None
 
 
-def pick_checkpoint(resume: str, out_dir: Path, warn) -> dict | None:
-    """The checkpoint `--resume` names: none, auto (newest in out_dir that verifies) or a path."""
+def pick_checkpoint(resume: str, out_dir: Path, warn, supersede: bool = False) -> dict | None:
+    """The checkpoint `--resume` names: none, auto (newest in out_dir that verifies) or a path.
+
+    With `supersede` (the one process that writes out_dir), `none` first moves an earlier run
+    with checkpoints aside (`supersede_run`) and says so through warn."""
     if resume == "none":
+        moved = supersede_run(out_dir) if supersede else None
+        if moved is not None:
+            warn(f"--resume none: moved the earlier run in {out_dir} ({moved[1]}) to {moved[0]}; "
+                 "nothing was deleted")
         return None
     if resume == "auto":
         if not out_dir.exists():
@@ -84,6 +92,29 @@ def pick_checkpoint(resume: str, out_dir: Path, warn) -> dict | None:
 
 
 QUARANTINE = "quarantine"
+SUPERSEDED = "superseded"  # also where the trackers move their earlier files (pipeline/train/trackers.py)
+
+
+def supersede_run(out_dir: Path) -> tuple[Path, str] | None:
+    """Move an earlier run out of the way of a fresh one: everything in out_dir but the lock and
+    superseded/ goes to out_dir/superseded/<time>/, never deleted (the new run would prune its
+    checkpoints and cut its logs). Returns (where, what it held), or None when out_dir holds no
+    checkpoint: logs without one are what a run killed before its first save leaves."""
+    steps = step_checkpoints(out_dir) if out_dir.is_dir() else []
+    if not steps and not (out_dir / LATEST).exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = out_dir / SUPERSEDED / stamp, 1
+    while target.exists():  # two fresh starts within a second
+        target, n = out_dir / SUPERSEDED / f"{stamp}.{n}", n + 1
+    target.mkdir(parents=True)
+    for path in sorted(out_dir.iterdir()):
+        if path.name not in (LOCK_FILE, SUPERSEDED):
+            os.replace(path, target / path.name)
+    fsync_dir(target)
+    fsync_dir(out_dir)
+    last = f"checkpoints up to step {max(s for s, _ in steps)}" if steps else LATEST
+    return target, last
 
 
 def quarantine_file(out_dir: Path, path: Path, reason: str) -> Path | None:

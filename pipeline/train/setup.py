@@ -154,7 +154,7 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
     run.forward = torch.compile(run.model) if run.compiled else run.model
 
     # ------------------------------------------------------------------ resume
-    checkpoint = pick_checkpoint(resume, run.out_dir, run.note)
+    checkpoint = pick_checkpoint(resume, run.out_dir, run.note, supersede=world.is_main)
     if checkpoint is not None:
         check_compatible(checkpoint, config, run.fingerprints, allow_data_change)
         saved_optimizer = checkpoint["train_config"].get("optimizer", "adamw")
@@ -237,16 +237,23 @@ def injected_nan_steps(variable: str = "MM_INJECT_NAN_STEPS") -> set[int]:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (what SLURM sends before preemption) ask for a stop at the next step boundary."""
+    """SIGTERM / SIGUSR1 (what SLURM sends before preemption) and a first Ctrl-C (SIGINT) ask for a stop
+    at the next step boundary, with a checkpoint; a second Ctrl-C stops at once (KeyboardInterrupt)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
+        self.interrupted = False  # the request was Ctrl-C: exit 130 rather than 75
         self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
         self.requested = True
+        if signum == signal.SIGINT:
+            self.interrupted = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C: at once
+            if os.environ.get("RANK", "0") == "0":  # os.write: safe inside a handler, even mid-print
+                os.write(2, b"\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again stops at once)\n")
 
     def restore(self):
         for s, handler in self.previous.items():
