@@ -488,6 +488,22 @@ def test_resume_refuses_changed_model_tokenizer_or_store(setup, reference, other
 # ---------------------------------------------------------------------------
 
 
+def test_resume_refuses_a_changed_seed_unless_data_change_is_allowed(setup, reference, tmp_path):
+    """train.seed keys the window order: a new seed at resume is refused, naming it; --allow-data-change
+    takes it (the order from the resumed step on follows the new seed) and the checkpoint records it."""
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    seed = load(reference / "ckpt.pth")["train_config"]["seed"]  # written before data.seed was recorded
+    sets = ["train.max_steps=13", f"train.seed={seed + 1}"]
+    user_error(mm_train(setup, out, sets=sets), "cannot resume", f"train.seed ({seed} → {seed + 1})",
+               "--allow-data-change")
+    assert load(out / "ckpt.pth")["step"] == 12
+    r = ok(mm_train(setup, out, "--allow-data-change", sets=sets))
+    assert "at step 12" in r.stderr
+    state = load(out / "ckpt.pth")
+    assert state["step"] == 13 and state["data"]["seed"] == seed + 1
+
+
 def _edit_attrs(store: Path, fn) -> None:
     meta = json.loads((store / "zarr.json").read_text())
     fn(meta["attributes"])

@@ -240,8 +240,13 @@ def check_compatible(checkpoint: dict, model_config, fingerprints: dict, allow_d
         data_fields += ["store_fingerprint", "data_mixture"]
     differing += [f"{k} ({_short(checkpoint['data'].get(k))} → {_short(fingerprints[k])})"
                   for k in data_fields if checkpoint["data"].get(k) != fingerprints[k]]
+    # The window permutations are keyed on train.seed: a new seed reorders the data from the resumed step
+    # on, so windows of the current pass repeat or go unseen. Older checkpoints have it in train_config.
+    saved_seed = checkpoint["data"].get("seed", checkpoint["train_config"].get("seed"))
+    if "seed" in fingerprints and saved_seed != fingerprints["seed"] and not allow_data_change:
+        differing.append(f"train.seed ({saved_seed} → {fingerprints['seed']})")
     if differing:
-        data_changed = any(d.startswith(("store_", "data_mixture")) for d in differing)
+        data_changed = any(d.startswith(("store_", "data_mixture", "train.seed")) for d in differing)
         hint = " (new data on purpose? pass --allow-data-change)" if data_changed else ""
         raise UserError(f"{where}: cannot resume, the run differs in {', '.join(differing)}{hint}")
 

@@ -136,6 +136,7 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
         "tokenizer_sha256": tokenizer_sha, "store_fingerprint": store.fingerprint,
         "data_mixture": run.data.mixture_key,
         "vocab_size": store.vocab_size, "seq_len": tp.seq_len, "global_batch": run.global_batch,
+        "seed": tp.seed,  # keys the window order (pipeline/data/sampler.py)
     }
 
     # ------------------------------------------------------------------ model, precision, optimizer
