@@ -24,10 +24,17 @@ class DataParams:
     """Fraction of documents (chosen by a hash of their text) held out for validation."""
     text_field: str = "text"
     """The JSON field that holds each document's text."""
+    cache_dir: str = ""
+    """Local directory for the chunk files of a token store in object storage (s3://, gs://, az://);
+    empty: $XDG_CACHE_HOME/mm/chunks (~/.cache/mm/chunks). Shared by runs and processes."""
+    cache_gb: float = 50.0
+    """Bound of that cache in GB: least recently used chunk files are deleted beyond it."""
 
     def check(self) -> None:
         if not 0.0 <= self.val_fraction <= 1.0:
             raise ParamError("data.val_fraction", f"must be in [0, 1], got {self.val_fraction}")
+        if not self.cache_gb > 0:
+            raise ParamError("data.cache_gb", f"must be positive, got {self.cache_gb}")
         from pipeline.data.sources import parse_sources
 
         parse_sources(self.sources, self.text_field)  # a UserError naming data.sources.NAME.KEY

@@ -13,8 +13,9 @@ from stages.common import ParamsOption, SetOption, load
 
 def evaluate(
     model: Annotated[Path, typer.Argument(help="An `mm export` directory or a ckpt.pth.")] = Path("export"),
-    data: Annotated[Path, typer.Option("--data", help="Token store whose val/ split is scored.")] = Path(
-        "data/tokens.zarr"),
+    data: Annotated[str, typer.Option(
+        "--data", help="Token store whose val/ split is scored (a directory or an s3://, gs://, az:// URL).")
+    ] = "data/tokens.zarr",
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="Metrics JSON for dvc metrics (default out/eval.json; with --tasks out/bench.json).")] = None,
     seq_len: Annotated[Optional[int], typer.Option(
@@ -38,6 +39,9 @@ def evaluate(
 ) -> None:
     """Score the val split (loss in nats/token, perplexity, bits per byte), or run benchmark tasks (--tasks)."""
     p = load(params, sets)
+    from pipeline.data.store.cache import configure
+
+    configure(p.data.cache_dir, p.data.cache_gb)  # where a store in object storage (s3://...) is cached
     if tasks is not None:
         _benchmarks(model, tasks.split(","), out or Path("out/bench.json"), p, num_fewshot, limit, batch_size,
                     data_dir, device)

@@ -46,7 +46,9 @@ def tokenize(
     part: Annotated[str, typer.Option("--part", help="Which part of the source to write: I/N (from 0).")] = "0/1",
     tokenizer: Annotated[Path, typer.Option("--tokenizer", help="Hugging Face tokenizer directory.")] = Path(
         "data/tokenizer"),
-    out: Annotated[Path, typer.Option("--out", help="Token store (created if missing).")] = Path("data/tokens.zarr"),
+    out: Annotated[str, typer.Option(
+        "--out", help="Token store (created if missing): a directory or an s3://, gs://, az:// URL.")
+    ] = "data/tokens.zarr",
     workers: Annotated[int, typer.Option(
         "--workers", help="Encoding processes (output is identical for any number).")] = min(os.cpu_count() or 1, 8),
     val_fraction: Annotated[Optional[float], typer.Option(
@@ -62,12 +64,14 @@ def tokenize(
 ) -> None:
     p = load(params, sets)
     from pipeline.data.sources import parse_sources
+    from pipeline.data.store.cache import configure
     from pipeline.data.tokenize import init_store, tokenize_files
     from pipeline.errors import UserError
 
+    configure(p.data.cache_dir, p.data.cache_gb)  # its staging directory holds a part on its way to a URL
     if init:
         init_store(out, tokenizer)
-        typer.echo(f"store root {out / 'zarr.json'} ready")
+        typer.echo(f"store root {out.rstrip('/')}/zarr.json ready")
         return
     sources = parse_sources(p.data.sources, p.data.text_field)
     if raw:

@@ -18,7 +18,8 @@ CLI_MODULE = "stages.cli"  # what each torchrun worker runs: this same `mm train
 
 
 def train(
-    data: Annotated[Path, typer.Option(help="Token store written by `mm tokenize`.")] = Path("data/tokens.zarr"),
+    data: Annotated[str, typer.Option(
+        help="Token store written by `mm tokenize`: a directory or an s3://, gs://, az:// URL.")] = "data/tokens.zarr",
     tokenizer: Annotated[Path, typer.Option(help="Tokenizer dir the store was tokenized with.")
                          ] = Path("data/tokenizer"),
     model: Annotated[Path, typer.Option(help="Model config written by `mm config`.")] = Path("data/model.json"),
@@ -45,6 +46,9 @@ def train(
     from pipeline.train.runlock import run_lock
 
     p = load(params, sets)
+    from pipeline.data.store.cache import configure
+
+    configure(p.data.cache_dir, p.data.cache_gb)  # where a store in object storage (s3://...) is cached
     # One writer per out_dir, locked before torch is imported so a second run is refused at once.
     # Under torchrun started by hand rank 0 locks; on several nodes node 0's launcher does.
     worker = "RANK" in os.environ and "WORLD_SIZE" in os.environ

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 
 def verify(
-    path: Annotated[Path, typer.Argument(help="Token store, checkpoint, run directory or export directory.")],
+    path: Annotated[str, typer.Argument(
+        help="Token store (a directory or an s3://, gs://, az:// URL), checkpoint, run directory or export.")],
 ) -> None:
     """Recompute every recorded hash and check token ids and offsets; exit 1 naming the first bad file."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    from pipeline.data.store.remote import location
     from pipeline.errors import UserError
     from pipeline.verify import verify as run_checks
 
+    path = location(path)
     kind, rows = run_checks(path)
     table = Table(title=f"{path} ({kind})")
     for col in ("file", "check", "result"):

@@ -42,6 +42,7 @@ from pipeline.data.readers import BATCH_BYTES, no_text_error
 from pipeline.data.sources import SOURCE_NAME
 from pipeline.data.store.layout import ATTRS_CHECKSUM, FORMAT_NAME, FORMAT_VERSION, MAX_PARTS, attrs_checksum, part_name
 from pipeline.data.store.reader import read_group_attrs
+from pipeline.data.store.remote import is_url
 from pipeline.data.store.writer import (
     CHUNK_TOKENS,
     PartLock,
@@ -209,7 +210,12 @@ def init_store(out: str | Path, tokenizer_dir: str | Path) -> None:
     from pipeline.data.tokenizer import load_tokenizer
 
     _, info = load_tokenizer(tokenizer_dir)
-    _open_root(Path(out), _root_attrs(info, token_dtype(info["vocab_size"])))
+    attrs = _root_attrs(info, token_dtype(info["vocab_size"]))
+    if is_url(out):
+        from pipeline.data.store.upload import create_root
+
+        return create_root(out, group_document(attrs))
+    _open_root(Path(out), attrs)
 
 
 def _check_kept(counts: dict, rejects, inputs: list, files: list, text_field: str, part: tuple[int, int]) -> None:
@@ -253,6 +259,13 @@ def tokenize_files(
         raise UserError("no input files given")
     source = source or default_source(inputs[0])
     _check_args(source, part, val_fraction, workers)
+    if is_url(out):  # object storage: built in a local staging store, checked, uploaded (store/upload.py)
+        from pipeline.data.store.upload import tokenize_to_url
+
+        return tokenize_to_url(out, source, part, force, lambda staging: tokenize_files(
+            inputs, tokenizer_dir, staging, source=source, part=part, workers=workers, val_fraction=val_fraction,
+            text_field=text_field, strict=strict, progress=progress, chunk_tokens=chunk_tokens,
+            batch_bytes=batch_bytes))
     files = expand_inputs(inputs)
     _, info = load_tokenizer(tokenizer_dir)
     dtype = token_dtype(info["vocab_size"])

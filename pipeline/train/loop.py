@@ -145,7 +145,7 @@ def train_step(run: Run, step: int) -> StepStats:
     # rank mean, and DDP/FSDP's average over ranks makes it the global-batch mean.
     local_loss = torch.zeros((), device=run.device)
     grad_syncs, counter = 0, run.sync_counter
-    batches = run.data.sampler.micro_batches(step, world.rank, world.size, tp.micro_batch_size, tp.accumulation_steps)
+    batches = step_batches(run, step)
     for m, batch in enumerate(batches):
         check_token_ids(batch.inputs, batch.targets, run.model_config.vocab_size, run.store_path,
                         f"a batch of step {step + 1}")
@@ -292,3 +292,34 @@ def _poison_gradient(model) -> None:
     grad = next(p.grad for p in model.parameters() if p.grad is not None)
     with torch.no_grad():
         (grad.to_local() if hasattr(grad, "to_local") else grad).view(-1)[0] = float("nan")
+
+
+def step_batches(run: Run, step: int):
+    """This rank's micro-batches of optimizer step `step` (0-based).
+
+    From a store in object storage (pipeline/data/store/remote.py) the batches are built before the
+    forward, the next steps' chunks are prefetched in the background, and the ranks agree that each
+    has its data: when a fetch still fails after its retries on any rank (server down, network gone),
+    every rank saves step `step` and stops with one line naming the URL; rerunning resumes there."""
+    tp, world = run.tp, run.world
+    if isinstance(run.store_path, Path):
+        return run.data.sampler.micro_batches(step, world.rank, world.size, tp.micro_batch_size,
+                                              tp.accumulation_steps)
+    from pipeline.data.store.cache import Prefetcher
+    from pipeline.data.store.remote import RemoteUnavailable
+
+    if not isinstance(run.data.sampler, Prefetcher):  # wrapped at the first step, once the schedule is set
+        run.data.sampler = Prefetcher(run.data.sampler)
+    failure = None
+    try:
+        batches = list(run.data.sampler.micro_batches(step, world.rank, world.size, tp.micro_batch_size,
+                                                      tp.accumulation_steps))
+    except RemoteUnavailable as e:
+        failure = str(e)
+    failed = distributed.all_reduce_sum(torch.tensor([float(failure is not None)]), world)
+    if failed.item():
+        if step > run.start_step:  # else that step is the checkpoint resumed from (or none: step 0)
+            save(run, step)
+        raise RemoteUnavailable(f"{failure or f'rank {world.rank}: another rank could not fetch its data'}; "
+                                f"stopped after step {step} (checkpoint in {run.out_dir}): rerun to resume")
+    return batches

@@ -118,7 +118,7 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
     # ------------------------------------------------------------------ data
     run.data = open_train_data(store_path, weights, tp, run.note)
     store = run.data.store
-    run.store_path = Path(store_path)
+    run.store_path = store.path  # a Path, or a RemotePath that prints as its URL
     run.tokenizer_files, tokenizer_sha, tokenizer = read_tokenizer_dir(tokenizer_dir)
     if store.tokenizer_fingerprint != tokenizer_sha:
         raise UserError(f"{tokenizer_dir}: tokenizer differs from the one {store_path} was tokenized with "

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from pipeline.data.sources import SOURCE_NAME
+from pipeline.data.store.remote import location
 
 FORMAT_NAME = "mm-tokens"
 FORMAT_VERSION = 2
@@ -61,24 +62,25 @@ def parse_part_name(name: str) -> tuple[int, int] | None:
 
 
 def source_dir(store: str | Path, source: str) -> Path:
-    return Path(store) / source
+    return location(store) / source
 
 
 def part_dir(store: str | Path, source: str, index: int, count: int) -> Path:
-    return Path(store) / source / part_name(index, count)
+    return location(store) / source / part_name(index, count)
 
 
 def list_sources(store: str | Path) -> list[str]:
     """Source names in the store (directories holding a zarr.json), sorted."""
-    root = Path(store)
+    root = location(store)
     return sorted(p.name for p in root.iterdir()
                   if SOURCE_NAME.fullmatch(p.name) and (p / "zarr.json").is_file())
 
 
 def list_parts(store: str | Path, source: str) -> list[tuple[int, int]]:
-    """(index, count) of every finished part of `source`, sorted. Finished parts only:
-    a part directory appears (by rename) after its last file is written."""
-    found = [parse_part_name(p.name) for p in source_dir(store, source).iterdir() if p.is_dir()]
+    """(index, count) of every finished part of `source`, sorted. Finished parts only: a local
+    part directory appears (by rename) after its last file is written; in object storage,
+    which has no rename, the part's zarr.json is uploaded last and marks it finished."""
+    found = [parse_part_name(p.name) for p in source_dir(store, source).iterdir() if (p / "zarr.json").is_file()]
     return sorted(x for x in found if x is not None)
 
 

@@ -42,6 +42,7 @@ from pipeline.data.store.layout import (
     part_name,
     source_dir,
 )
+from pipeline.data.store.remote import location
 from pipeline.data.store.views import ChunkedArray, ConcatArray, ConcatOffsets, open_array, read_json
 from pipeline.errors import UserError
 
@@ -161,9 +162,13 @@ def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _open_split(root: Path, name: str, dtype: np.dtype, counts: dict) -> Split:
-    tokens = open_array(root / name / "tokens", dtype)
-    offsets = open_array(root / name / "doc_offsets", np.dtype("int64"))
+def _open_split(root: Path, name: str, dtype: np.dtype, counts: dict, hashes: dict) -> Split:
+    def recorded(array: str) -> dict[str, str]:  # {"0": sha256, ...} of one array's chunk files
+        prefix = f"{name}/{array}/c/"
+        return {k[len(prefix):]: str(v) for k, v in hashes.items() if k.startswith(prefix)}
+
+    tokens = open_array(root / name / "tokens", dtype, recorded("tokens"))
+    offsets = open_array(root / name / "doc_offsets", np.dtype("int64"), recorded("doc_offsets"))
     n_tok, n_off = len(tokens), len(offsets)
     if n_off < 1 or offsets[0] != 0 or offsets[n_off - 1] != n_tok:
         raise UserError(f"{root / name / 'doc_offsets'}: offsets do not span {name}/tokens")
@@ -204,14 +209,15 @@ def check_checksum(meta_path: Path, attrs: dict) -> None:
 
 def open_part(path: str | Path) -> Part:
     """Open and validate one part group (`STORE/<source>/part-IIIII-of-NNNNN`)."""
-    root = Path(path)
+    root = location(path)
     if not root.exists():
         raise UserError(f"{root}: token store part not found (run `mm tokenize` first)")
     meta_path, attrs = read_group_attrs(root, checksum=False)
     _check_tokenizer_attrs(meta_path, attrs)
     if not isinstance(attrs.get("counts"), dict):
         raise UserError(f"{meta_path}: attributes incomplete or malformed (no counts)")
-    splits = {name: _open_split(root, name, np.dtype(attrs["dtype"]), attrs["counts"]) for name in SPLITS}
+    hashes = attrs.get("chunk_sha256") if isinstance(attrs.get("chunk_sha256"), dict) else {}
+    splits = {name: _open_split(root, name, np.dtype(attrs["dtype"]), attrs["counts"], hashes) for name in SPLITS}
     check_checksum(meta_path, attrs)  # last, so the specific checks above name what is wrong when they can
     return Part(path=root, attrs=attrs, **splits)
 
@@ -278,8 +284,9 @@ def open_store(path: str | Path, sources: list[str] | None = None, note=None) ->
     sources: the names to open, in this order (None: every source of the store). A name the
     store lacks, or an incomplete source, is a UserError naming it; a store source not named
     is left unopened and reported once through `note(text)`. A part directory opens as a
-    store of that one part."""
-    root = Path(path)
+    store of that one part. An s3://, gs:// or az:// URL opens a store in object storage
+    (pipeline/data/store/remote.py), its chunks fetched into the local cache as they are read."""
+    root = location(path)
     if not root.exists():
         raise UserError(f"{root}: token store not found (run `mm tokenize` first)")
     meta_path, attrs = read_group_attrs(root, checksum=False)

@@ -64,7 +64,8 @@ class ChunkedArray(_View):
 
     def __init__(self, maps: list[np.ndarray], length: int, chunk_len: int):
         self.maps, self.length, self.chunk_len = maps, length, chunk_len
-        self.dtype = maps[0].dtype if maps else np.dtype("int64")
+        dtype = getattr(maps, "dtype", None)  # remote chunks know it before the first is fetched
+        self.dtype = dtype if dtype is not None else maps[0].dtype if maps else np.dtype("int64")
 
     def _get(self, i: int):
         return self.maps[i // self.chunk_len][i % self.chunk_len]
@@ -164,11 +165,20 @@ def read_json(path: Path, what: str) -> dict:
     return obj
 
 
-def open_array(array_dir: Path, dtype: np.dtype):
+def open_array(array_dir: Path, dtype: np.dtype, hashes: dict[str, str] | None = None):
     """Validate one array (`array_layout`) and map it: a memmap for one chunk file, a
-    ChunkedArray of memmaps for several. Nothing is read."""
+    ChunkedArray of memmaps for several. Nothing is read.
+
+    In object storage (a RemotePath) the chunks are fetched on first use into the local
+    cache and checked against `hashes` ({"0": sha256 of c/0, ...}; pipeline/data/store/cache.py)."""
     length, chunk_len = array_layout(array_dir, dtype)
     dt = dtype.newbyteorder("<")
+    if not isinstance(array_dir, Path):
+        from pipeline.data.store.cache import RemoteChunks
+
+        n_chunks = -(-length // chunk_len)
+        recorded = {int(k): v for k, v in (hashes or {}).items()}
+        return ChunkedArray(RemoteChunks(array_dir, n_chunks, chunk_len, dt, recorded), length, chunk_len)
     maps = [np.memmap(array_dir / "c" / str(i), dtype=dt, mode="r", shape=(chunk_len,))
             for i in range(-(-length // chunk_len))]
     if not maps:

@@ -1,0 +1,123 @@
+"""A real S3 server on 127.0.0.1 for the tests and the remote-store benchmark: moto's server mode
+(`moto[server]`, in the test extra), which speaks the S3 protocol over HTTP.
+
+    server = S3Server(latency_s=0.02).start()   # every request delayed by 20 ms (a TCP proxy in front)
+    env = server.env()                          # AWS_ENDPOINT_URL, dummy keys, region: for mm subprocesses
+    server.make_bucket("mmtokens")
+    server.stop(); server.start()               # the same port and the same objects after a restart
+    server.objects("mmtokens", "tokens.zarr/")  # {key: bytes}, read with boto3 (not through mm)
+
+The proxy is plain sockets: each new connection, and each request on a kept-alive one, waits
+`latency_s` before its bytes go on, which is how a distant object store looks to a client.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+KEYS = {"AWS_ACCESS_KEY_ID": "mm-test-key", "AWS_SECRET_ACCESS_KEY": "mm-test-secret",
+        "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    def __init__(self, latency_s: float = 0.0):
+        self.latency_s = latency_s
+        self.port = free_port()  # what clients connect to (the proxy's when there is latency)
+        self.moto_port = free_port() if latency_s else self.port
+        self.server = None
+        self.proxy = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict:
+        return {**KEYS, "AWS_ENDPOINT_URL": self.endpoint}
+
+    def start(self) -> S3Server:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.moto_port, verbose=False)
+        self.server.start()
+        if self.latency_s and self.proxy is None:
+            self.proxy = _DelayProxy(self.port, self.moto_port, self.latency_s)
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.server = None
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.stop()
+        if self.proxy is not None:
+            self.proxy.close()
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{self.moto_port}", region_name="us-east-1",
+                            aws_access_key_id=KEYS["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=KEYS["AWS_SECRET_ACCESS_KEY"])
+
+    def make_bucket(self, name: str) -> None:
+        self.client().create_bucket(Bucket=name)
+
+    def objects(self, bucket: str, prefix: str) -> dict[str, bytes]:
+        c = self.client()
+        keys = [o["Key"] for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                for o in page.get("Contents", [])]
+        return {k: c.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+class _DelayProxy:
+    """Forward 127.0.0.1:port to target, holding each client→server burst back by `delay` seconds."""
+
+    def __init__(self, port: int, target: int, delay: float):
+        self.target, self.delay = target, delay
+        self.sock = socket.create_server(("127.0.0.1", port))
+        self.requests = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:  # the server is stopped: the client sees the connection close
+                client.close()
+                continue
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, delayed: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if delayed and data[:4] in (b"GET ", b"PUT ", b"HEAD", b"POST", b"DELE"):
+                    self.requests += 1
+                    time.sleep(self.delay)  # a new request: one round trip of latency
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
