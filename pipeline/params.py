@@ -23,6 +23,7 @@ import yaml
 
 from pipeline.errors import ParamError, UserError
 from pipeline.params_data import DataParams, TokenizerParams, check_tokenizer_sources
+from pipeline.params_train import ScheduleAndSpikeParams
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 Compile = Literal["auto", True, False]
@@ -39,7 +40,7 @@ class ModelParams:
 
 
 @dataclass
-class TrainParams:
+class TrainParams(ScheduleAndSpikeParams):  # the schedule and spike-guard keys: pipeline/params_train.py
     seq_len: int = 256
     """Tokens per training sample (each sample is a window of seq_len + 1 tokens)."""
     micro_batch_size: int = 16
@@ -58,7 +59,7 @@ class TrainParams:
     lr: float = 3e-3
     """Peak learning rate, reached at the end of warmup."""
     min_lr: float = 3e-4
-    """Floor of the cosine decay."""
+    """Where the cosine or wsd decay ends, reached exactly at the last step (constant: unused)."""
     warmup_steps: int = 30
     """Steps of linear warmup from 0 to lr."""
     weight_decay: float = 0.1
@@ -153,6 +154,7 @@ class TrainParams:
             raise ParamError("train.muon_lr", f"must be positive, got {self.muon_lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise ParamError("train.min_lr", f"must be in [0, train.lr ({self.lr})], got {self.min_lr}")
+        self.check_schedule_and_spike()
 
 
 @dataclass

@@ -12,8 +12,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import math
+import shutil
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +199,175 @@ def test_block_activation_estimate_counts_what_autograd_saves(dtype, seq_len, sh
     measured = saved_activation_bytes(Block(c), 2, seq_len, dtype)
     estimated = block_activation_bytes(c, 2, seq_len, 4 if dtype == torch.float32 else 2, "cpu")
     assert abs(estimated - measured) <= 0.05 * measured, (estimated, measured)
+
+
+# ---------------------------------------------------------------------------
+# Schedules (train.schedule), decay branches, and what a resume says about the learning rate
+# ---------------------------------------------------------------------------
+
+LR, MIN_LR, WARMUP = 3e-3, 3e-4, 3
+SCHEDULES = {  # name: (the run's sets, total steps, steps that decay)
+    "cosine": (["schedule=cosine"], 12, None),
+    "wsd_linear": (["schedule=wsd", "decay_shape=linear", "decay_fraction=0.25"], 12, 3),
+    "wsd_1-sqrt": (["schedule=wsd", "decay_shape=1-sqrt", "decay_steps=4"], 12, 4),
+    "constant": (["schedule=constant"], 12, None),
+}
+WSD = ["schedule=wsd", "decay_steps=4", "eval_interval=4", "eval_batches=2", "save_interval=4", "keep_last=10"]
+
+
+def expected_lr(name: str, step: int) -> float:
+    """The schedule's formula, written out here independently of lr_at (step is 0-based)."""
+    _, total, decay = SCHEDULES[name]
+    if step < WARMUP:
+        return LR * (step + 1) / WARMUP
+    if name == "constant":
+        return LR
+    if name == "cosine":
+        return MIN_LR + 0.5 * (LR - MIN_LR) * (1 + math.cos(math.pi * (step - (WARMUP - 1)) / (total - WARMUP)))
+    if step < total - decay:
+        return LR
+    progress = (step - (total - decay - 1)) / decay
+    return MIN_LR + (LR - MIN_LR) * (1 - (progress if name == "wsd_linear" else math.sqrt(progress)))
+
+
+def _start(work: Path, model: Path, data, out: str, *sets: str, resume: str = "auto") -> subprocess.Popen:
+    args = ["--data", data.store, "--tokenizer", data.tokenizer, "--model", model, "--device", "cpu",
+            "--resume", resume, "--params", work / "none.yaml", "--set", f"train.out_dir={work / out}"]
+    for s in ("seq_len=32", "micro_batch_size=2", "dtype=fp32", f"lr={LR}", f"min_lr={MIN_LR}",
+              f"warmup_steps={WARMUP}", "eval_interval=0", "log_interval=100", *sets):
+        args += ["--set", f"train.{s}"]
+    return subprocess.Popen([sys.executable, "-m", "stages.cli", "train", *map(str, args)], cwd=work,
+                            env=mm_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _finish(*procs: subprocess.Popen) -> list[subprocess.CompletedProcess]:
+    done = []
+    for p in procs:
+        stderr = p.communicate(timeout=900)[1]
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, "", stderr))
+    return done
+
+
+def _tree(directory: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def schedule_runs(tiny_store, tmp_path_factory):
+    """The four schedules (12 steps); a 16-step wsd run straight and its parent stopped at 10; a branch of
+    the parent at step 8 that decays over steps 9-12; refused and accepted resumes; the parent resumed."""
+    work = tmp_path_factory.mktemp("schedules")
+    (work / "none.yaml").write_text("{}\n")
+    model = work / "model.json"
+    r = mm("config", "--tokenizer", tiny_store.tokenizer, "--out", model, "--params", work / "none.yaml",
+           "--set", "model.dim=64", "--set", "model.n_layers=2", cwd=work)
+    assert r.returncode == 0, r.stderr
+    start = functools.partial(_start, work, model, tiny_store)
+    runs = {}
+    for pair in (("cosine", "wsd_linear"), ("wsd_1-sqrt", "constant")):
+        procs = [start(name, f"max_steps={SCHEDULES[name][1]}", *SCHEDULES[name][0]) for name in pair]
+        runs.update(zip(pair, _finish(*procs), strict=True))
+    runs["straight"], runs["parent"] = _finish(start("straight", "max_steps=16", *WSD),
+                                               start("parent", "max_steps=16", "stop_after=10", *WSD))
+    before = _tree(work / "parent")
+    shutil.copytree(work / "parent", work / "parent_copy")
+    runs["branch"], runs["seq_len"] = _finish(
+        start("branch", "max_steps=12", *WSD, resume=str(work / "parent" / "step_00000008.pth")),
+        start("other", "max_steps=16", "seq_len=16", *WSD, resume=str(work / "parent" / "step_00000008.pth")))
+    runs["parent_untouched"] = _tree(work / "parent") == before
+    runs["shorter"], runs["cosine_longer"] = _finish(start("parent", "max_steps=11", *WSD),
+                                                     start("cosine", "max_steps=20", *SCHEDULES["cosine"][0]))
+    runs["longer"], runs["resumed"] = _finish(start("parent_copy", "max_steps=24", "stop_after=1", *WSD),
+                                              start("parent", "max_steps=16", *WSD))
+    return types.SimpleNamespace(work=work, **{k.replace("-", "_"): v for k, v in runs.items()})
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_logged_lr_is_the_schedule_formula_at_every_step(schedule_runs, name):
+    from pipeline.train.progress import read_log
+
+    assert getattr(schedule_runs, name.replace("-", "_")).returncode == 0
+    lrs = [row["lr"] for row in read_log(schedule_runs.work / name / "train_log.tsv")]
+    _, total, decay = SCHEDULES[name]
+    assert len(lrs) == total
+    for step, lr in enumerate(lrs):
+        assert lr == pytest.approx(expected_lr(name, step), rel=1e-12, abs=0), (name, step + 1)
+    assert lrs[WARMUP - 1] == pytest.approx(LR, rel=1e-12)  # the end of warmup
+    if name == "constant":
+        assert lrs[WARMUP:] == [LR] * (total - WARMUP)
+    else:
+        assert lrs[-1] == MIN_LR  # exactly, at the last step
+    if decay:  # a plateau at lr exactly, then every decay step strictly lower
+        assert lrs[WARMUP:total - decay] == [LR] * (total - decay - WARMUP)
+        assert all(a > b for a, b in zip(lrs[total - decay - 1:], lrs[total - decay:], strict=False))
+
+
+def test_a_decay_branch_starts_as_its_parent_and_leaves_it_alone(schedule_runs):
+    work = schedule_runs.work
+    branch = schedule_runs.branch
+    assert branch.returncode == 0, branch.stderr[-3000:]
+    assert f"at step 8 as a branch of {work / 'parent'} into {work / 'branch'}" in branch.stderr
+    assert "train.max_steps 16 → 12 changes the learning rate of steps not yet taken" in branch.stderr
+    rows = {k: (work / k / "train_log.tsv").read_text().splitlines() for k in ("parent", "branch", "straight")}
+    strip = lambda lines: [line.split("\t")[:5] for line in lines]  # noqa: E731  step, loss, lr, grad_norm, tokens
+    assert len(rows["branch"]) == 13 and strip(rows["branch"][:9]) == strip(rows["parent"][:9])  # header + 8 steps
+    lrs = [float(line.split("\t")[2]) for line in rows["branch"][1:]]
+    assert lrs[7] == LR and lrs[8] < LR and lrs[-1] == MIN_LR  # stable to step 8, decayed over steps 9-12
+    val = (work / "branch" / "val_log.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in val[1:]] == ["4", "8", "12"]
+    assert val[1:3] == (work / "straight" / "val_log.tsv").read_text().splitlines()[1:3]
+    assert schedule_runs.parent_untouched  # the branch read the parent's directory and wrote nothing there
+
+
+def test_the_parent_resumed_after_a_branch_is_the_uninterrupted_run(schedule_runs):
+    from pipeline.checkpoint.format import load_checkpoint
+
+    work, resumed = schedule_runs.work, schedule_runs.resumed
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 10" in resumed.stderr and "note:" not in resumed.stderr
+    strip = lambda path: [line.split("\t")[:5] for line in path.read_text().splitlines()]  # noqa: E731
+    assert strip(work / "parent" / "train_log.tsv") == strip(work / "straight" / "train_log.tsv")
+    a, b = load_checkpoint(work / "parent" / "ckpt.pth"), load_checkpoint(work / "straight" / "ckpt.pth")
+    assert a["step"] == b["step"] == 16 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["train_config"]["schedule"] == "wsd" and a["train_config"]["decay_steps"] == 4  # recorded
+
+
+def test_a_resume_that_changes_the_lr_of_steps_taken_is_refused_with_the_ways_out(schedule_runs):
+    line = assert_user_error(schedule_runs.shorter, "cannot resume", "train.max_steps 16 → 11",
+                             "steps already taken", "another train.out_dir", "--resume none")
+    assert "step 8: 0.003 → " in line and "jump at the resumed step 11" in line
+    assert_user_error(schedule_runs.cosine_longer, "train.max_steps 12 → 20", "steps already taken",
+                      "another train.out_dir", "--resume none")
+
+
+def test_an_accepted_lr_change_is_a_note_with_before_and_after(schedule_runs):
+    r = schedule_runs.longer
+    assert r.returncode == 0, r.stderr[-3000:]
+    note = next(line for line in r.stderr.splitlines() if line.startswith("note: train.max_steps 16 → 24"))
+    assert "steps not yet taken (step 11: lr 0.003 → 0.003; it first differs at step 13: 0.002325 → 0.003)" in note
+
+
+def test_a_refused_resume_names_the_two_ways_out(schedule_runs):
+    assert_user_error(schedule_runs.seq_len, "cannot resume", "seq_len (32 → 16)", "--resume none",
+                      "another train.out_dir")
+
+
+def test_schedule_change_rules():
+    from pipeline.train.branch import schedule_change
+
+    old = TrainParams(schedule="wsd", decay_steps=20, warmup_steps=10, lr=1e-3, min_lr=1e-4)
+    same = schedule_change("ckpt", 50, old, 100, old, 100, branch=False)
+    assert same is None
+    note = schedule_change("ckpt", 50, old, 100, dataclasses.replace(old, min_lr=0.0), 100, branch=False)
+    assert note.startswith("note: train.min_lr 0.0001 → 0.0 changes the learning rate of steps not yet taken")
+    assert "it first differs at step 81" in note
+    higher = dataclasses.replace(old, lr=2e-3)
+    with pytest.raises(UserError, match=r"train.lr 0.001 → 0.002 changes the learning rate of steps already taken "
+                                        r"\(step 1: 0.0001 → 0.0002\)"):
+        schedule_change("ckpt", 50, old, 100, higher, 100, branch=False)
+    jump = schedule_change("ckpt", 50, old, 100, higher, 100, branch=True)
+    assert "this branch takes the new schedule from step 51: lr 0.001 → 0.002 (a jump" in jump
+    # An older checkpoint without train.schedule was cosine.
+    from pipeline.train.branch import saved_schedule
+    assert saved_schedule({"lr": 1e-3, "max_steps": 5}).schedule == "cosine"

@@ -248,7 +248,11 @@ def check_compatible(checkpoint: dict, model_config, fingerprints: dict, allow_d
     if differing:
         data_changed = any(d.startswith(("store_", "data_mixture", "train.seed")) for d in differing)
         hint = " (new data on purpose? pass --allow-data-change)" if data_changed else ""
-        raise UserError(f"{where}: cannot resume, the run differs in {', '.join(differing)}{hint}")
+        raise UserError(f"{where}: cannot resume, the run differs in {', '.join(differing)}{hint}; {WAYS_OUT}")
+
+
+# What a refused resume can do instead (also pipeline/train/setup.py's optimizer check).
+WAYS_OUT = "keep the old values, start over with --resume none, or train into another train.out_dir"
 
 
 def _short(value) -> str:

@@ -136,8 +136,8 @@ def train_step(run: Run, step: int) -> StepStats:
     started = time.perf_counter()
 
     # ------------------------------------------------------------------ learning rate
-    lr = lr_at(step, tp, run.total_steps)
-    set_lr(run.optimizer, lr, tp)
+    lr = lr_at(step, tp, run.total_steps) * run.spike.lr_scale(step + 1)  # lowered for a while after a rollback
+    set_lr(run.optimizer, lr * run.spike.fault(step + 1), tp)  # fault: 1 unless MM_INJECT_SPIKE_STEPS
 
     # ------------------------------------------------------------------ micro-batches
     # Forward and backward over this rank's micro-batches. Each micro loss is a token
@@ -182,6 +182,7 @@ def train_step(run: Run, step: int) -> StepStats:
         _agree_on_overflow(run.scaler, run.optimizer, world)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tp.grad_clip or float("inf"))
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    run.spike.judge(run, step + 1)  # a loss spike drops this update (and rolls back or aborts): spike.py
     stepped = math.isfinite(run.loss) and (math.isfinite(grad_norm) or run.scaler is not None)
     if stepped:
         if run.scaler:
@@ -235,7 +236,8 @@ def save(run: Run, step: int) -> None:
                        "val_bits_per_byte": _finite(run.val_bpb),
                        "val_loss_by_source": {n: _finite(v) for n, v in run.val_losses.items()},
                        "val_bits_per_byte_by_source": {n: _finite(v) for n, v in run.val_bpbs.items()},
-                       "tokens_seen": step * run.tokens_per_step, "skipped_steps": run.skipped}
+                       "tokens_seen": step * run.tokens_per_step, "skipped_steps": run.skipped,
+                       "spike_guard": run.spike.state()}
             # The sources and the tokens drawn from each so far, for the model card; a resume compares
             # only the fingerprint fields of "data" (checkpoint.check_compatible).
             data = {**run.fingerprints, "sources": run.data.sources_record(step, run.global_batch)}
@@ -263,6 +265,7 @@ def finish(run: Run, step: int, elapsed: float) -> dict:
         "tokens_by_source": run.data.tokens_seen(step, run.global_batch),
         "val_loss_by_source": run.val_losses,
         "val_bits_per_byte": run.val_bpb, "val_bits_per_byte_by_source": run.val_bpbs,
+        **run.spike.metrics(),  # rollbacks, spike_skips
         "optimizer": run.tp.optimizer, "compiled": run.compiled, "compile_reason": run.compile_reason,
     }
     if run.world.is_main:

@@ -7,7 +7,7 @@
          Keller Jordan's Muon and of modded-nanogpt / nanochat: orthogonalised updates suit
          hidden matrices, not lookup tables or the output layer.
 
-One warmup + cosine curve (`lr_at`) drives both: each step, every AdamW group gets the
+One warmup + decay curve (`lr_at`, train.schedule) drives both: each step, every AdamW group gets the
 curve's value and every Muon group the same curve scaled to `train.muon_lr`.
 """
 
@@ -147,16 +147,39 @@ class MuonWithAdamW:
 
 
 def lr_at(step: int, tp: TrainParams, total_steps: int) -> float:
-    """The learning rate of optimizer step `step` (0-based) of `total_steps`.
+    """The learning rate of optimizer step `step` (0-based) of `total_steps` (train.schedule).
 
-    Linear warmup over warmup_steps reaches lr at step warmup_steps - 1, the only
-    step at lr (step 0 without warmup); cosine decay from there reaches min_lr exactly
-    at the last step, total_steps - 1. Steps past the end stay at min_lr."""
+    Every schedule: linear warmup over warmup_steps reaches lr at step warmup_steps - 1
+    (step 0 without warmup). Then
+      cosine    cosine decay from there, the only step at lr, to min_lr exactly at the last step;
+      wsd       lr until the decay's D steps (decay_steps, else decay_fraction × total_steps, never
+                into warmup), then decay_shape from lr towards min_lr, reached exactly at the last step;
+      constant  lr to the end.
+    Steps past the end stay where the last step was."""
     if step < tp.warmup_steps:
         return tp.lr * (step + 1) / tp.warmup_steps
     peak = max(tp.warmup_steps - 1, 0)
-    progress = (step - peak) / max(total_steps - 1 - peak, 1)
-    return tp.min_lr + 0.5 * (tp.lr - tp.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if tp.schedule == "constant":
+        return tp.lr
+    if tp.schedule == "cosine":
+        progress = (step - peak) / max(total_steps - 1 - peak, 1)
+        return tp.min_lr + 0.5 * (tp.lr - tp.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    stable_end = total_steps - 1 - decay_length(tp, total_steps)  # the last step at lr
+    if step <= stable_end:
+        return tp.lr
+    progress = min((step - stable_end) / max(total_steps - 1 - stable_end, 1), 1.0)  # (0, 1], 1 at the last step
+    if tp.decay_shape == "linear":
+        return tp.min_lr + (tp.lr - tp.min_lr) * (1 - progress)
+    if tp.decay_shape == "cosine":
+        return tp.min_lr + 0.5 * (tp.lr - tp.min_lr) * (1 + math.cos(math.pi * progress))
+    return tp.min_lr + (tp.lr - tp.min_lr) * (1 - math.sqrt(progress))  # 1-sqrt
+
+
+def decay_length(tp: TrainParams, total_steps: int) -> int:
+    """wsd: how many last steps decay. decay_steps if set, else decay_fraction of the run, rounded; at
+    most the steps after the warmup's peak, so the decay never starts before lr was reached."""
+    wanted = tp.decay_steps or round(tp.decay_fraction * total_steps)
+    return min(wanted, total_steps - max(tp.warmup_steps, 1))
 
 
 def set_lr(optimizer, lr: float, tp: TrainParams) -> None:

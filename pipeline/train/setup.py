@@ -20,19 +20,21 @@ from typing import Callable
 import torch
 
 from pipeline.architecture import flops_per_token, load_model_json
-from pipeline.checkpoint.format import check_compatible
+from pipeline.checkpoint.format import WAYS_OUT, check_compatible
 from pipeline.data.tokenizer import TOKENIZER_FILES, load_tokenizer
 from pipeline.errors import UserError
 from pipeline.evaluate.scoring import token_byte_lengths
 from pipeline.hardware import peak_flops, peak_source, pick_device, resolve_dtype
 from pipeline.model.transformer import ModelConfig, Transformer
 from pipeline.params import TrainParams
-from pipeline.train.compiling import decide as decide_compile
 from pipeline.train import distributed
+from pipeline.train.branch import check_resume_schedule, copy_branch_logs
+from pipeline.train.compiling import decide as decide_compile
 from pipeline.train.optim import make_optimizer
 from pipeline.train.progress import TRAIN_COLUMNS, VAL_COLUMNS, Display, MetricLog
 from pipeline.train.resume import pick_checkpoint
 from pipeline.train.run_data import TrainData, open_train_data
+from pipeline.train.spike import SpikeGuard
 from pipeline.train.tracking import Trackers
 
 
@@ -68,6 +70,8 @@ class Run:
     sync_counter: distributed.GradSyncCounter | None = None  # DDP only
     # resume (then advanced by train_step)
     start_step: int = 0
+    branch_of: Path | None = None  # the run directory this one branched from (pipeline/train/branch.py)
+    spike: SpikeGuard = None  # the loss-spike guard (pipeline/train/spike.py)
     skipped: int = 0
     loss: float = math.nan
     val_loss: float = math.nan
@@ -108,7 +112,7 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
     """Device, data, model, optimizer, and the state of the checkpoint resumed from (if any).
 
     weights: {source name: weight} (data.sources), the sources to draw samples from."""
-    run = Run(tp=tp, world=world, stop=stop, out_dir=Path(tp.out_dir))
+    run = Run(tp=tp, world=world, stop=stop, out_dir=Path(tp.out_dir), spike=SpikeGuard(tp))
 
     # ------------------------------------------------------------------ device
     run.device = pick_device(requested, world.local_rank)
@@ -161,7 +165,8 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
         saved_optimizer = checkpoint["train_config"].get("optimizer", "adamw")
         if saved_optimizer != tp.optimizer:  # their states have different shapes: refuse before loading
             raise UserError(f"{checkpoint['path']}: cannot resume, the run differs in train.optimizer "
-                            f"({saved_optimizer} → {tp.optimizer})")
+                            f"({saved_optimizer} → {tp.optimizer}); {WAYS_OUT}")
+        resume_schedule(run, checkpoint)  # the learning rate of steps taken stays theirs, except in a branch
         distributed.load_full_state(run.model, run.optimizer, checkpoint["model"], checkpoint["optimizer"], world)
         if run.scaler is not None and checkpoint["scaler"]:
             run.scaler.load_state_dict(checkpoint["scaler"])
@@ -173,8 +178,7 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
         run.val_bpb = checkpoint["metrics"].get("val_bits_per_byte") or float("nan")  # absent before it was recorded
         run.val_losses = dict(checkpoint["metrics"].get("val_loss_by_source") or {})
         run.val_bpbs = dict(checkpoint["metrics"].get("val_bits_per_byte_by_source") or {})
-        run.tracker_state = checkpoint.get("trackers")
-        run.note(f"resuming from {checkpoint['path']} at step {run.start_step}")
+        run.tracker_state = None if run.branch_of else checkpoint.get("trackers")  # a branch is a new tracker run
         del checkpoint
     # Every rank reads the checkpoint itself, so all must see the same one (a shared out_dir).
     distributed.check_same(run.start_step, world,
@@ -193,6 +197,9 @@ def open_outputs(run: Run, cleanup: ExitStack) -> None:
     run.display.val_loss = run.val_loss
     if main:
         names = run.data.names
+        if run.branch_of is not None:  # a branch's logs start as its parent's, up to the step it branched at
+            copy_branch_logs(run.branch_of, run.out_dir, run.start_step)
+        run.spike.open_log(run.out_dir, run.start_step, cleanup)  # spikes.tsv, cut back like the logs
         run.train_log = MetricLog(run.out_dir / "train_log.tsv", TRAIN_COLUMNS + [f"tokens/{n}" for n in names],
                                   run.start_step)
         cleanup.callback(run.train_log.close)
@@ -204,6 +211,19 @@ def open_outputs(run: Run, cleanup: ExitStack) -> None:
     run.display.peak_source = peak_source(run.device)  # the bar says what MFU is measured against
     run.nan_steps = injected_nan_steps()
     run.nan_grad_steps = injected_nan_steps("MM_INJECT_NAN_GRAD_STEPS")
+
+
+def resume_schedule(run: Run, checkpoint: dict) -> None:
+    """The learning rate's rules at resume (pipeline/train/branch.py: refuse, or a note), whether this
+    run is a branch, the spike guard's state, and the line saying where the run resumes."""
+    run.branch_of, change = check_resume_schedule(
+        checkpoint, run.tp, run.total_steps, lambda t: resolve_total_steps(t, run.data.n_windows, run.global_batch),
+        run.out_dir)
+    run.spike.restore(checkpoint["metrics"].get("spike_guard"))
+    branch = f" as a branch of {run.branch_of} into {run.out_dir}" if run.branch_of else ""
+    run.note(f"resuming from {checkpoint['path']} at step {checkpoint['step']}{branch}")
+    if change:
+        run.note(change)
 
 
 def resolve_total_steps(tp: TrainParams, n_windows: int, global_batch: int) -> int:
