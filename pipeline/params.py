@@ -21,7 +21,7 @@ from typing import Literal
 
 import yaml
 
-from pipeline.errors import ParamError, UserError
+from pipeline.errors import ParamError, UserError, did_you_mean
 from pipeline.params_data import DataParams, TokenizerParams, check_tokenizer_sources
 from pipeline.params_train import ScheduleAndSpikeParams
 
@@ -274,8 +274,8 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
 
 def _section(params: Params, name: str, source: str):
     if name not in {f.name for f in dataclasses.fields(Params)}:
-        known = ", ".join(f.name for f in dataclasses.fields(Params))
-        raise UserError(f"{source}: unknown section '{name}' (known: {known})")
+        known = [f.name for f in dataclasses.fields(Params)]
+        raise UserError(f"{source}: unknown section '{name}'{did_you_mean(name, known)} (known: {', '.join(known)})")
     return getattr(params, name)
 
 
@@ -291,7 +291,8 @@ def _assign(section, section_name: str, key: str, value, source: str) -> None:
         _assign_nested(getattr(section, head), rest.split("."), value, f"{section_name}.{head}", source)
         return
     if key not in {f.name for f in dataclasses.fields(section)}:
-        raise UserError(f"{source}: unknown key '{section_name}.{key}'")
+        known = [f.name for f in dataclasses.fields(section)]
+        raise UserError(f"{source}: unknown key '{section_name}.{key}'{did_you_mean(key, known, section_name + '.')}")
     setattr(section, key, _coerce(value, types[key], f"{section_name}.{key}", source))
 
 

@@ -24,7 +24,9 @@ def train(
                          ] = Path("data/tokenizer"),
     model: Annotated[Path, typer.Option(help="Model config written by `mm config`.")] = Path("data/model.json"),
     resume: Annotated[str, typer.Option(
-        help="auto (continue from out/ckpt.pth if present), none, or a checkpoint path.")] = "auto",
+        help="auto (continue from the newest checkpoint in train.out_dir that verifies: its step_*.pth files, "
+             "then ckpt.pth), none (start over; an earlier run there is moved to superseded/), or a checkpoint "
+             "path.")] = "auto",
     allow_data_change: Annotated[bool, typer.Option(help="Resume even though the token store changed.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     gpus: Annotated[Optional[int], typer.Option(
@@ -46,6 +48,7 @@ def train(
     from pipeline.train.runlock import run_lock
 
     p = load(params, sets)
+    _model_sets(p, sets, model)
     from pipeline.data.store.cache import configure
 
     configure(p.data.cache_dir, p.data.cache_gb)  # where a store in object storage (s3://...) is cached
@@ -56,6 +59,19 @@ def train(
     with run_lock(Path(p.train.out_dir), enabled=locks):
         _train(p, data, tokenizer, model, resume, allow_data_change, device, gpus, procs, nodes, node_rank, master_addr,
                master_port, rdzv_endpoint, dry_run, params, sets)
+
+
+def _model_sets(p, sets, model: Path) -> None:
+    """--set model.*: checked as `mm config` checks it, then named as ignored (training reads model.json)."""
+    keys = [s.partition("=")[0].strip() for s in sets or [] if s.strip().startswith("model.")]
+    if not keys:
+        return
+    from pipeline.architecture import build_config
+
+    build_config(p.model.preset, p.tokenizer.vocab_size, p.model.overrides)  # a typo is an error, as in mm config
+    if "LOCAL_RANK" not in os.environ:  # said once, by the command the user ran (not by each torchrun worker)
+        print(f"note: --set {', '.join(keys)}: ignored by mm train, which reads the architecture from {model} "
+              "(written by mm config)", file=sys.stderr)
 
 
 def _train(p, data, tokenizer, model, resume, allow_data_change, device, gpus, procs, nodes, node_rank, master_addr,

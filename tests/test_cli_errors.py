@@ -60,14 +60,23 @@ def test_gpu_peak_table_matches_whole_names():
 def test_progress_line_shows_no_val_until_measured_and_names_the_peak(capsys):
     from pipeline.train.progress import Display
 
-    display = Display(total_steps=2, start_step=0, log_interval=1, enabled=True)
+    display = Display(total_steps=3, start_step=0, log_interval=1, enabled=True)
     display.step(1, 5.0, 1e-3, 1.0, 1000.0, 0.5)
-    display.val_loss = 4.5
+    display.evaluated(4.5)  # not the last step: its line was printed already
     display.step(2, 4.9, 1e-3, 1.0, 1000.0, 0.5)
-    first, second = capsys.readouterr().err.strip().splitlines()
+    display.step(3, 4.8, 1e-3, 1.0, 1000.0, 0.5)
+    display.evaluated(4.25)  # the last step: its line waits for this evaluation
+    display.close()
+    first, second, last = capsys.readouterr().err.strip().splitlines()
     assert "val" not in first and "nan" not in first
     assert "val 4.5000" in second
+    assert last.startswith("step 3/3  loss 4.8000  val 4.2500")  # the final validation loss
     assert "MFU 50.0% vs measured matmul peak" in first
+
+    display = Display(total_steps=1, start_step=0, log_interval=1, enabled=True)
+    display.step(1, 5.0, 1e-3, 1.0, 1000.0, 0.5)
+    display.close()  # no evaluation at the end: the held line is printed all the same
+    assert capsys.readouterr().err.startswith("step 1/1  loss 5.0000  lr")
 
 
 @pytest.mark.parametrize("warmup, total", [(2, 12), (0, 5), (5, 10), (3, 4)])
@@ -151,3 +160,34 @@ def test_generate_names_a_bad_option_before_printing_anything(tmp_path, option, 
     r = mm("generate", tmp_path / "no-model", "Once upon a time", option, value)
     assert_user_error(r, needle)
     assert r.stdout == ""  # the prompt is not echoed before the error
+
+
+def test_a_run_that_fails_at_start_up_leaves_no_empty_folder(tiny_store, tmp_path):
+    out = tmp_path / "new" / "run"
+    assert_user_error(mm("train", "--device", "cpu", "--data", tiny_store.store, "--tokenizer", tiny_store.tokenizer,
+                         "--model", tmp_path / "missing.json", "--set", f"train.out_dir={out}", cwd=tmp_path),
+                      "missing.json: model config not found")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither new/ nor new/run/ (nor its .lock)
+
+
+def test_an_unknown_key_suggests_the_closest_known_one(tmp_path):
+    from pipeline.errors import UserError
+    from pipeline.params import load_params
+
+    with pytest.raises(UserError, match=r"^--set: unknown key 'train.max_step'; did you mean 'train.max_steps'\?$"):
+        load_params(REPO / "params.yaml", ["train.max_step=3"])
+    with pytest.raises(UserError, match=r"unknown section 'trian'; did you mean 'train'\?"):
+        load_params(REPO / "params.yaml", ["trian.max_steps=3"])
+    bad = tmp_path / "params.yaml"
+    bad.write_text((REPO / "params.yaml").read_text().replace("  max_steps:", "  max_stepz:", 1))
+    with pytest.raises(UserError, match=r"unknown key 'train.max_stepz'; did you mean 'train.max_steps'\?"):
+        load_params(bad)
+    with pytest.raises(UserError, match=r"unknown key 'train.zzzq'$"):  # nothing close: no guess
+        load_params(REPO / "params.yaml", ["train.zzzq=3"])
+
+
+def test_train_checks_model_sets_as_mm_config_does_and_says_they_are_ignored():
+    assert_user_error(mm("train", "--set", "model.preset=tinyy", "--dry-run"), "model.preset: unknown preset 'tinyy'")
+    r = mm("train", "--set", "model.dim=64", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "note: --set model.dim: ignored by mm train, which reads the architecture from data/model.json" in r.stderr

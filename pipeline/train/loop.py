@@ -109,7 +109,7 @@ def run_loop(run: Run) -> dict:
                        **{f"val_loss/{n}": run.val_losses.get(n, math.nan) for n in run.data.names}}
                 run.val_log.write(**row)
                 run.trackers.log_row(step, "val", row)
-                run.display.val_loss = run.val_loss
+                run.display.evaluated(run.val_loss)  # the last step's line waits for it
 
         # ------------------------------------------------------------------ checkpoint
         # train.stop_after ends this invocation early (a planned stop, exit 0) with a

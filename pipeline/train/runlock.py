@@ -4,7 +4,9 @@ Two `mm train` on one out_dir would interleave their log rows and prune each
 other's checkpoints. The first takes `fcntl.flock` on out_dir/.lock and writes
 its PID there; a second finds the lock taken and stops with one line naming that
 PID. The kernel drops the lock when the holder dies, however it dies (kill -9
-included), so there is never a stale lock to clean up; the file itself stays.
+included), so there is never a stale lock to clean up; the file itself stays,
+except in a folder the run created and left holding nothing else (it failed at
+start-up): that folder is removed again, lock file and all.
 
 Within one job only one process locks: the `mm train` that launches torchrun
 (it passes the locked descriptor on to torchrun, so an orphaned torchrun still
@@ -34,15 +36,20 @@ def run_lock(out_dir: Path, enabled: bool = True):
     if not enabled or os.environ.get(HELD_ENV) == str(path):  # off, or the process that launched us holds it
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder_pid(fd)
+    made = _missing_dirs(path.parent)  # removed again if the run leaves nothing in them
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_pid(fd)
+            os.close(fd)
+            raise UserError(f"{out_dir}: another mm train (PID {holder}) is writing this run directory (lock "
+                            f"{LOCK_FILE}); wait for it to finish, stop it, or set train.out_dir elsewhere") from None
+        if _same_file(path, fd):  # else a run that failed at start-up removed the file we locked: retry
+            break
         os.close(fd)
-        raise UserError(f"{out_dir}: another mm train (PID {holder}) is writing this run directory "
-                        f"(lock {LOCK_FILE}); wait for it to finish, stop it, or set train.out_dir elsewhere") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[str(path)], os.environ[HELD_ENV] = fd, str(path)
@@ -51,7 +58,31 @@ def run_lock(out_dir: Path, enabled: bool = True):
     finally:
         del _held[str(path)]
         os.environ.pop(HELD_ENV, None)
+        if made and [p.name for p in path.parent.iterdir()] == [LOCK_FILE]:
+            # A run that failed at start-up leaves no empty folder behind; unlinked while still held (see above).
+            path.unlink()
+            for d in made:
+                try:
+                    d.rmdir()
+                except OSError:  # something else was put there meanwhile
+                    break
         os.close(fd)  # releases the lock (a launched torchrun that inherited it keeps it until it exits)
+
+
+def _missing_dirs(directory: Path) -> list[Path]:
+    """`directory` and its ancestors that do not exist yet, innermost first."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    return missing
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def held_fds() -> tuple[int, ...]:
