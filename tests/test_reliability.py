@@ -806,3 +806,98 @@ def test_resume_none_moves_the_earlier_run_aside(setup, reference, tmp_path):
     # A second fresh start moves the second run aside too; the first stays where it was.
     ok(mm_train(setup, out, "--resume", "none", sets=sets))
     assert len(list((out / "superseded").iterdir())) == 2 and step_files(moved) == [8, 10, 12]
+
+
+# ---------------------------------------------------------------------------
+# 14. The loss-spike guard: rollback, abort, the rollback limit, and no false alarms
+# ---------------------------------------------------------------------------
+
+SPIKE_RUN = ["train.max_steps=30", "train.spike_window=8", "train.eval_interval=30", "train.save_interval=6",
+             "train.keep_last=10", "train.log_interval=100"]
+
+
+@pytest.fixture(scope="module")
+def spike_runs(setup) -> dict:
+    """30 steps with the guard at its defaults but an 8-step window: clean; with step 20's update
+    injected (rollback, and abort); that run stopped at 24 and resumed; two spikes with one rollback allowed."""
+    cases = {
+        "clean": ([], {}),
+        "rollback": ([], {"MM_INJECT_SPIKE_STEPS": "20"}),
+        "abort": (["train.spike_action=abort"], {"MM_INJECT_SPIKE_STEPS": "20"}),
+        "split": (["train.stop_after=24"], {"MM_INJECT_SPIKE_STEPS": "20"}),
+        "limit": (["train.spike_max_rollbacks=1"], {"MM_INJECT_SPIKE_STEPS": "14,22"}),
+    }
+
+    def start(name: str, sets: list, env: dict) -> subprocess.Popen:
+        return subprocess.Popen(train_cmd(setup, setup.cwd / f"spike_{name}", sets=[*SPIKE_RUN, *sets]),
+                                cwd=setup.cwd, env=mm_env(OMP_NUM_THREADS="1", **env), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+
+    done = {}
+    names = list(cases)
+    for pair in (names[:2], names[2:4], names[4:]):
+        procs = {k: start(k, *cases[k]) for k in pair}
+        for k, p in procs.items():
+            stderr = p.communicate(timeout=600)[1]
+            done[k] = subprocess.CompletedProcess(p.args, p.returncode, "", stderr)
+    env = mm_env(OMP_NUM_THREADS="1", MM_INJECT_SPIKE_STEPS="20")  # as the first half: the same thread count
+    done["resumed"] = subprocess.run(train_cmd(setup, setup.cwd / "spike_split", sets=SPIKE_RUN), cwd=setup.cwd,
+                                     env=env, capture_output=True, text=True, timeout=600)
+    return done
+
+
+def spike_rows(out: Path) -> list[dict]:
+    lines = (out / "spikes.tsv").read_text().splitlines()
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:]]
+
+
+def test_a_spike_is_rolled_back_once_its_data_skipped_and_the_run_finishes(setup, spike_runs):
+    r = ok(spike_runs["rollback"])
+    out, clean = setup.cwd / "spike_rollback", setup.cwd / "spike_clean"
+    # Step 20's update was oversized; step 21's loss (computed before its update) shows it.
+    (event,) = spike_rows(out)
+    assert event["step"] == "21" and event["event"] == "rollback" and event["restored_step"] == "19"
+    assert event["discarded_steps"] == "20-21" and event["discarded_samples"] == "76-83"  # 4 samples a step
+    assert float(event["loss"]) > 2 * float(event["median"])
+    assert "step 21: loss spike" in r.stderr and "rolled back to the state after step 19" in r.stderr
+    rows = log_rows(out / "train_log.tsv")
+    assert [int(row["step"]) for row in rows] == list(range(1, 31))  # every step logged, the spike included
+    assert rows[:20] == log_rows(clean / "train_log.tsv")[:20]  # identical until the injected update
+    # Rolled back means the weights of step 19 again: step 22 trains from them on step 22's data.
+    metrics = json.loads((out / "metrics.json").read_text())
+    reference = json.loads((clean / "metrics.json").read_text())
+    assert metrics["rollbacks"] == 1 and metrics["spike_skips"] == 0 and metrics["steps"] == 30
+    assert abs(metrics["val_loss"] - reference["val_loss"]) < 0.02 * reference["val_loss"], (metrics, reference)
+    assert load(out / "ckpt.pth")["metrics"]["spike_guard"]["rollbacks"] == 1
+
+
+def test_a_run_with_the_guard_and_no_spike_has_no_events(setup, spike_runs):
+    r = ok(spike_runs["clean"])
+    out = setup.cwd / "spike_clean"
+    assert spike_rows(out) == [] and "loss spike" not in r.stderr
+    assert json.loads((out / "metrics.json").read_text())["rollbacks"] == 0
+
+
+def test_a_spike_under_abort_exits_1_with_one_line(setup, spike_runs):
+    line = user_error(spike_runs["abort"], "step 21: loss spike", "train.spike_action=abort")
+    assert spike_runs["abort"].stderr.count("loss spike") == 1, spike_runs["abort"].stderr  # that line only
+    assert "lower train.lr" in line
+    assert [row["event"] for row in spike_rows(setup.cwd / "spike_abort")] == ["abort"]
+    out = setup.cwd / "spike_abort"
+    assert not (out / "metrics.json").exists() and max(step_files(out)) == 18  # nothing saved after the spike
+
+
+def test_more_spikes_than_train_spike_max_rollbacks_abort(setup, spike_runs):
+    user_error(spike_runs["limit"], "step 23: loss spike", "after 1 (train.spike_max_rollbacks)")
+    assert [row["event"] for row in spike_rows(setup.cwd / "spike_limit")] == ["rollback", "abort"]
+
+
+def test_a_resume_after_a_rollback_continues_identically(setup, spike_runs):
+    ok(spike_runs["split"])
+    assert "at step 24" in ok(spike_runs["resumed"]).stderr
+    out, ref = setup.cwd / "spike_split", setup.cwd / "spike_rollback"
+    assert log_rows(out / "train_log.tsv") == log_rows(ref / "train_log.tsv")
+    assert (out / "spikes.tsv").read_text() == (ref / "spikes.tsv").read_text()
+    assert_same_state(load(out / "ckpt.pth"), load(ref / "ckpt.pth"))
+    assert json.loads((out / "metrics.json").read_text())["rollbacks"] == 1
