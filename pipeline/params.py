@@ -98,6 +98,10 @@ class TrainParams(ScheduleAndSpikeParams):  # the schedule and spike-guard keys:
     """Steps between plain-text log lines (the live bar updates every step)."""
     out_dir: str = "out"
     """Where checkpoints and metrics go."""
+    init: str = ""
+    """The weights at step 0: a Hugging Face model directory (Llama, Qwen3, Qwen3-MoE, MiniMind, an mm
+    export) or an mm checkpoint; "" starts from random weights. A fresh optimizer and schedule, not a
+    resume; the model config must describe it (`mm config --from DIR`). Under DVC, see docs/training.md."""
     compile: Compile = "auto"
     """torch.compile the model: true, false, or auto (always on CUDA; on a CPU when the run is
     long enough for the faster steps to repay the compile time; the run summary says which)."""

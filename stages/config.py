@@ -12,8 +12,12 @@ from stages.common import ParamsOption, SetOption, load
 
 def config(
     preset: Annotated[Optional[str], typer.Option(help="Architecture preset (default: params model.preset).")] = None,
-    tokenizer: Annotated[Path, typer.Option(help="Tokenizer dir; its vocabulary size sets the model's.")
-                         ] = Path("data/tokenizer"),
+    from_dir: Annotated[Optional[Path], typer.Option(
+        "--from", help="A Hugging Face model directory (Llama, Qwen3, Qwen3-MoE, MiniMind, an mm export): its "
+                       "architecture, to continue training it with train.init (instead of a preset).")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(
+        help="Tokenizer dir; its vocabulary size sets the model's [default: data/tokenizer, or the --from dir].")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Where to write the model config.")] = Path("data/model.json"),
     seq_len: Annotated[Optional[int], typer.Option(
         help="Sequence length for the FLOPs figure (default: params train.seq_len).")] = None,
@@ -35,12 +39,17 @@ def config(
     from pipeline.errors import UserError
 
     p = load(params, sets)
-    name = preset or p.model.preset
-    if name not in PRESETS:  # arguments before files: an unknown preset is named before a missing tokenizer
-        where = "--preset" if preset else "model.preset"
-        raise UserError(f"{where}: unknown preset '{name}' (known: {', '.join(PRESETS)})")
-    _, info = load_tokenizer(tokenizer)
-    model_config = build_config(name, info["vocab_size"], p.model.overrides)
+    if from_dir is not None:
+        if preset:
+            raise UserError("--preset and --from: give one (--from takes the architecture from the directory)")
+        name, model_config = f"from {from_dir}", config_from_dir(from_dir, tokenizer or from_dir)
+    else:
+        name = preset or p.model.preset
+        if name not in PRESETS:  # arguments before files: an unknown preset is named before a missing tokenizer
+            where = "--preset" if preset else "model.preset"
+            raise UserError(f"{where}: unknown preset '{name}' (known: {', '.join(PRESETS)})")
+        _, info = load_tokenizer(tokenizer or Path("data/tokenizer"))
+        model_config = build_config(name, info["vocab_size"], p.model.overrides)
     save_model_json(model_config, out, name)
 
     counts = count_params(model_config)
@@ -62,6 +71,21 @@ def config(
     for label, text in memory_rows(model_config, p.train, T):
         table.add_row(label, text)
     Console().print(table)
+
+
+def config_from_dir(directory: Path, tokenizer: Path):
+    """The architecture of a Hugging Face model directory, checked against the tokenizer's vocabulary."""
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.errors import UserError
+    from pipeline.export.hf_import import open_hf_dir
+
+    model_config = open_hf_dir(directory).config
+    _, info = load_tokenizer(tokenizer)
+    if info["vocab_size"] != model_config.vocab_size:
+        raise UserError(f"{directory}: the embedding has {model_config.vocab_size} rows but the tokenizer {tokenizer} "
+                        f"has {info['vocab_size']} tokens; mm needs them equal (the token store's ids index the "
+                        "embedding)")
+    return model_config
 
 
 def memory_rows(model_config, tp, seq_len: int) -> list[tuple[str, str]]:

@@ -203,9 +203,18 @@ def test_strict_mapping(ckpts, exports, tmp_path):
     d = tmp_path / "c"
     shutil.copytree(exports["plain"], d)
     tensors = load_file(str(d / "model.safetensors"))
+    tensors["model.layers.0.mlp.extra.weight"] = torch.zeros(3)
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(UserError, match=r"unexpected 1 weight\(s\) \(model.layers.0.mlp.extra.weight\)"):
+        load_model(d)
+    # A stored lm_head.weight is read as the tied head: accepted equal to the embedding, refused otherwise.
+    del tensors["model.layers.0.mlp.extra.weight"]
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
     save_file(tensors, str(d / "model.safetensors"))
-    with pytest.raises(UserError, match=r"unexpected 1 weight\(s\) \(lm_head.weight\)"):
+    load_model(d)
+    tensors["lm_head.weight"][0, 0] += 1
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(UserError, match="lm_head.weight differs from model.embed_tokens.weight"):
         load_model(d)
 
 

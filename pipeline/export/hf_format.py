@@ -1,13 +1,14 @@
-"""The Hugging Face format of a model: weight names, config.json and tokenizer files, both ways.
+"""The Hugging Face format of a model: weight names, config.json and tokenizer files.
 
 Our parameter names already follow Hugging Face's Llama / Qwen3 layout (see
 pipeline/model/transformer.py), so the format is a renaming table plus a config.json; no
 tensor is reshaped for transformers. The table (`weight_map`) is explicit and
 used in both directions: export checks that the checkpoint holds exactly the
-names it lists, and loading an exported directory back
-(pipeline/export/loading.py) checks that the safetensors file holds exactly
-the names it produces. A missing or unexpected name is an error, never
-silently skipped.
+names it lists, and reading a Hugging Face directory back (an export, or a
+Llama / Qwen3 / Qwen3-MoE / MiniMind model to continue training:
+pipeline/export/hf_import.py) checks that its files hold exactly the names it
+produces. A missing or unexpected name is an error, never silently skipped.
+Reading config.json back, and what it refuses, is pipeline/export/hf_config.py.
 
 Which transformers class:
 
@@ -69,8 +70,14 @@ _MOE = {
         "mlp.experts.{j}.down_proj.weight": "mlp.experts.{j}.down_proj.weight",
     },
 }
+# MiniMind names its routed experts as Qwen3-MoE does (it has no shared experts here: see hf_config).
+_MOE["minimind"] = _MOE["qwen3_moe"]
 # Outside the blocks. The output head is tied to embed_tokens: stored once, as HF does.
 _GLOBAL = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+# A tied head that a file stores anyway, or instead of the embedding (MiniMind's torch.save keeps both
+# names; a save_pretrained of a model whose embedding *is* lm_head may keep only this one). Reading accepts
+# it only as the same tensor as model.embed_tokens.weight (pipeline/export/hf_import.py checks it).
+TIED_HEAD = "lm_head.weight"
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -87,7 +94,12 @@ def hf_model_type(config: ModelConfig) -> str:
 
 
 def weight_map(config: ModelConfig, model_type: str | None = None) -> dict[str, str]:
-    """Every parameter of our Transformer → its name in the HF checkpoint, in model order."""
+    """Every parameter of our Transformer → its name in the HF checkpoint, in model order.
+
+    The one table both directions use: export writes these names, and reading a directory back
+    (pipeline/export/hf_import.py: `mm eval`, `mm generate`, train.init) requires exactly them.
+    model_type: what config.json says (llama, qwen3, mixtral, qwen3_moe, minimind); by default
+    the type export writes for this config."""
     model_type = model_type or hf_model_type(config)
     block = dict(_ATTENTION)
     if config.qk_norm:
@@ -193,51 +205,6 @@ def hf_config(config: ModelConfig, torch_dtype: torch.dtype, bos_id: int, eos_id
     # Fields transformers has no slot for (kept so a round trip through the export is exact).
     doc["mm"] = {"format": "mm-export", "init_std": config.init_std, "aux_loss_coef": config.aux_loss_coef}
     return doc
-
-
-def config_from_hf(doc: dict, source: str) -> ModelConfig:
-    """The ModelConfig an exported config.json describes; refuses what our model cannot represent."""
-    from pipeline.architecture import config_from_dict
-
-    model_type = doc.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise UserError(f"{source}: model_type {model_type!r} is not one mm exports "
-                        f"(known: {', '.join(ARCHITECTURES)})")
-    if doc.get("tie_word_embeddings") is not True:
-        raise UserError(f"{source}: only tied embeddings are supported (tie_word_embeddings is not true)")
-    if doc.get("hidden_act", "silu") != "silu" or doc.get("attention_bias") or doc.get("mlp_bias"):
-        raise UserError(f"{source}: hidden_act, attention_bias or mlp_bias differ from what mm exports")
-    rope = doc.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default" or doc.get("rope_scaling"):
-        raise UserError(f"{source}: only plain RoPE is supported (rope_type {rope.get('rope_type')!r})")
-    try:
-        values = dict(
-            vocab_size=doc["vocab_size"],
-            dim=doc["hidden_size"],
-            n_layers=doc["num_hidden_layers"],
-            n_heads=doc["num_attention_heads"],
-            n_kv_heads=doc.get("num_key_value_heads", doc["num_attention_heads"]),
-            head_dim=doc.get("head_dim") or doc["hidden_size"] // doc["num_attention_heads"],
-            hidden_dim=doc["moe_intermediate_size"] if model_type == "qwen3_moe" else doc["intermediate_size"],
-            max_seq_len=doc["max_position_embeddings"],
-            rope_theta=float(rope.get("rope_theta", doc.get("rope_theta", 10000.0))),
-            norm_eps=float(doc["rms_norm_eps"]),
-            qk_norm=model_type in ("qwen3", "qwen3_moe"),
-        )
-    except KeyError as e:
-        raise UserError(f"{source}: config.json lacks field {e.args[0]!r}") from None
-    if model_type == "mixtral":
-        values.update(n_experts=doc.get("num_local_experts", 0), top_k=doc.get("num_experts_per_tok", 2))
-    if model_type == "qwen3_moe":
-        values.update(n_experts=doc.get("num_experts", 0), top_k=doc.get("num_experts_per_tok", 2))
-        if not doc.get("norm_topk_prob") or doc.get("mlp_only_layers") or doc.get("decoder_sparse_step", 1) != 1:
-            raise UserError(f"{source}: Qwen3-MoE variant (norm_topk_prob / mlp_only_layers / decoder_sparse_step) "
-                            "differs from mm's MoE")
-    extra = doc.get("mm") or {}
-    for key in ("init_std", "aux_loss_coef"):
-        if key in extra:
-            values[key] = float(extra[key])
-    return config_from_dict(values, source=source)
 
 
 # ---------------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """Load a model and its tokenizer from a checkpoint (ckpt.pth) or an `mm export` directory.
 
-Loading an exported directory maps the safetensors names back through the
-same table export wrote them with (pipeline/export/hf_format.py `weight_map`),
-strictly. Used by `mm generate` and `mm eval`.
+Loading a directory (an export, or any Hugging Face model mm can represent) maps
+the tensor names back through the same table export wrote them with
+(pipeline/export/hf_format.py `weight_map`), strictly: pipeline/export/hf_import.py.
+Used by `mm generate` and `mm eval`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,36 +58,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
 
 
 def _load_export_dir(path: Path):
-    from safetensors import safe_open
-
-    from pipeline.export.hf_format import check_keys, config_from_hf, weight_map
+    from pipeline.export.hf_import import load_into, open_hf_dir
     from pipeline.model.transformer import Transformer
 
-    config_path, weights_path, tok_path = path / "config.json", path / "model.safetensors", path / "tokenizer.json"
-    for p in (config_path, weights_path, tok_path):
-        if not p.is_file():
-            raise UserError(f"{path}: not a model directory (no {p.name}; give a ckpt.pth or an `mm export` directory)")
-    try:
-        doc = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{config_path}: not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise UserError(f"{config_path}: expected a JSON object")
-    config = config_from_hf(doc, source=str(config_path))
-    table = weight_map(config, doc["model_type"])  # ours → HF
-    try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            names = list(f.keys())
-            check_keys(names, table.values(), str(weights_path))
-            state = {ours: f.get_tensor(theirs).float() for ours, theirs in table.items()}
-    except UserError:
-        raise
-    except Exception as e:  # safetensors' own errors: truncated or foreign file
-        raise UserError(f"{weights_path}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
-    model = Transformer(config)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        last = str(e).splitlines()[-1].strip()[:200]
-        raise UserError(f"{weights_path}: weights do not fit config.json ({last})") from None
+    if not (path / "tokenizer.json").is_file():
+        raise UserError(f"{path}: not a model directory (no tokenizer.json; give a ckpt.pth or an `mm export` "
+                        "directory)")
+    hf = open_hf_dir(path)
+    model = Transformer(hf.config)
+    load_into(model, hf)
     return model

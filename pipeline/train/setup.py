@@ -24,8 +24,9 @@ from pipeline.checkpoint.format import WAYS_OUT, check_compatible
 from pipeline.data.tokenizer import TOKENIZER_FILES, load_tokenizer
 from pipeline.errors import UserError
 from pipeline.evaluate.scoring import token_byte_lengths
+from pipeline.export.hf_import import initial_model
 from pipeline.hardware import peak_flops, peak_source, pick_device, resolve_dtype
-from pipeline.model.transformer import ModelConfig, Transformer
+from pipeline.model.transformer import ModelConfig
 from pipeline.params import TrainParams
 from pipeline.train import distributed
 from pipeline.train.branch import check_resume_schedule, copy_branch_logs
@@ -144,7 +145,7 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
     }
 
     # ------------------------------------------------------------------ model, precision, optimizer
-    run.raw_model = Transformer(config).to(run.device)
+    run.raw_model = initial_model(config, tp.init, tokenizer_sha, run.note).to(run.device)  # random or train.init
     run.raw_model.document_attention = tp.attention == "document"
     run.raw_model.document_positions = tp.document_positions
     run.raw_model.checkpoint_blocks = tp.activation_checkpointing == "blocks"
