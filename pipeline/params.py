@@ -72,7 +72,7 @@ class TrainParams(ScheduleAndSpikeParams):  # the schedule and spike-guard keys:
     """adamw, or muon: torch.optim.Muon for the blocks' weight matrices and AdamW (lr, betas,
     weight_decay above) for the embedding/output head and the norms."""
     muon_lr: float = 0.02
-    """Muon's peak learning rate: the same warmup and cosine curve as lr, scaled to this."""
+    """Muon's peak learning rate: the same warmup and schedule as lr, scaled to this."""
     muon_momentum: float = 0.95
     """Muon's (Nesterov) momentum."""
     muon_weight_decay: float = 0.0

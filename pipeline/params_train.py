@@ -25,6 +25,10 @@ class ScheduleAndSpikeParams:
     """wsd: decay over exactly this many last steps instead of decay_fraction (0 = use decay_fraction)."""
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = "linear"
     """wsd: the decay's curve from lr to min_lr: linear, cosine (half a period) or 1-sqrt (1 - sqrt(progress))."""
+    lr_change: Literal["refuse", "allow"] = "refuse"
+    """A resume whose schedule changes the learning rate of steps already taken: refuse (naming the ways out),
+    or allow (the new schedule applies from the resumed step: the lr jumps there, said in a note). A branch
+    into another out_dir is always allowed."""
     spike_action: Literal["off", "rollback", "skip", "abort"] = "rollback"
     """On a loss spike: rollback (restore the last good weights and optimizer state, skip the data that led
     there, go on), skip (drop that step's update), abort (exit 1), or off (no check)."""

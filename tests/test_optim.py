@@ -335,7 +335,8 @@ def test_the_parent_resumed_after_a_branch_is_the_uninterrupted_run(schedule_run
 
 def test_a_resume_that_changes_the_lr_of_steps_taken_is_refused_with_the_ways_out(schedule_runs):
     line = assert_user_error(schedule_runs.shorter, "cannot resume", "train.max_steps 16 → 11",
-                             "steps already taken", "another train.out_dir", "--resume none")
+                             "steps already taken", "another train.out_dir", "--resume none",
+                             "train.lr_change=allow")
     assert "step 8: 0.003 → " in line and "jump at the resumed step 11" in line
     assert_user_error(schedule_runs.cosine_longer, "train.max_steps 12 → 20", "steps already taken",
                       "another train.out_dir", "--resume none")
@@ -368,6 +369,8 @@ def test_schedule_change_rules():
         schedule_change("ckpt", 50, old, 100, higher, 100, branch=False)
     jump = schedule_change("ckpt", 50, old, 100, higher, 100, branch=True)
     assert "this branch takes the new schedule from step 51: lr 0.001 → 0.002 (a jump" in jump
+    allowed = schedule_change("ckpt", 50, old, 100, dataclasses.replace(higher, lr_change="allow"), 100, branch=False)
+    assert "train.lr_change=allow: this run takes the new schedule from step 51" in allowed
     # An older checkpoint without train.schedule was cosine.
     from pipeline.train.branch import saved_schedule
     assert saved_schedule({"lr": 1e-3, "max_steps": 5}).schedule == "cosine"

@@ -459,7 +459,7 @@ def other_data(setup):
 def test_resume_refuses_changed_model_tokenizer_or_store(setup, reference, other_data, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(reference, out)
-    more = ["train.max_steps=14"]
+    more = ["train.max_steps=14", "train.lr_change=allow"]  # a longer cosine moves the lr of steps taken
     wider = setup.cwd / "model96.json"
     ok(mm("config", "--tokenizer", setup.tokenizer, "--out", wider, "--set", "model.dim=96",
           "--set", "model.n_layers=2", cwd=setup.cwd))
@@ -494,7 +494,7 @@ def test_resume_refuses_a_changed_seed_unless_data_change_is_allowed(setup, refe
     out = tmp_path / "out"
     shutil.copytree(reference, out)
     seed = load(reference / "ckpt.pth")["train_config"]["seed"]  # written before data.seed was recorded
-    sets = ["train.max_steps=13", f"train.seed={seed + 1}"]
+    sets = ["train.max_steps=13", f"train.seed={seed + 1}", "train.lr_change=allow"]
     user_error(mm_train(setup, out, sets=sets), "cannot resume", f"train.seed ({seed} → {seed + 1})",
                "--allow-data-change")
     assert load(out / "ckpt.pth")["step"] == 12
@@ -608,13 +608,14 @@ def test_unreadable_newer_checkpoint_stops_resume_and_deletes_nothing(setup, ref
     shutil.copytree(reference, out)
     _as_mm_wrote_it(out)
     newest = out / "step_00000012.pth"
-    r = mm_train(setup, out, sets=["train.max_steps=14"], env=mm_env(MM_INJECT_LOAD_FAULT=f"{newest.name}:eio"))
+    more = ["train.max_steps=14", "train.lr_change=allow"]  # a longer cosine moves the lr of steps taken
+    r = mm_train(setup, out, sets=more, env=mm_env(MM_INJECT_LOAD_FAULT=f"{newest.name}:eio"))
     user_error(r, f"{newest}: cannot read the checkpoint (Input/output error, errno 5 EIO)")
     assert "resuming from" not in r.stderr
     assert step_files(out) == [8, 10, 12] and not (out / "quarantine").exists()
     assert os.path.samefile(out / "ckpt.pth", newest)  # nothing moved, nothing re-pointed
     # The disk is back: the run continues from that newer checkpoint.
-    r = ok(mm_train(setup, out, sets=["train.max_steps=14"]))
+    r = ok(mm_train(setup, out, sets=more))
     assert f"resuming from {newest} at step 12" in r.stderr and "skipping" not in r.stderr
     assert load(out / "ckpt.pth")["step"] == 14
 
@@ -628,7 +629,7 @@ def test_corrupt_newer_checkpoint_is_quarantined_never_pruned(setup, reference, 
     data[len(data) // 2] ^= 0xFF  # inside the tensor data: the checksum (or the zip's CRC) fails
     newest.write_bytes(bytes(data))
     # keep_last=1 and three more saves (12, 14, 16): retention runs after each.
-    r = ok(mm_train(setup, out, sets=["train.max_steps=16", "train.keep_last=1"]))
+    r = ok(mm_train(setup, out, sets=["train.max_steps=16", "train.keep_last=1", "train.lr_change=allow"]))
     assert f"skipping checkpoint: {newest}: " in r.stderr
     quarantined = out / "quarantine" / newest.name
     assert f"moved {newest} to {quarantined}" in r.stderr

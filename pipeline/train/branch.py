@@ -9,6 +9,7 @@ A checkpoint records its train config, so the schedule it was trained on is know
                                    and the first step that differs (a longer stable phase, a new min_lr)
   steps already taken differ       the curve would no longer be one schedule: refused in the same
                                    out_dir, naming the ways out; accepted with a note in a branch
+                                   or with train.lr_change=allow
 
 A branch is a resume from a checkpoint of another directory (`mm train --resume
 out/step_00004000.pth --set train.out_dir=out-decay-4500`): the step is the data
@@ -49,7 +50,8 @@ def branch_parent(checkpoint_path: str, out_dir: Path) -> Path | None:
 def schedule_change(where: str, step: int, old: TrainParams, old_total: int, new: TrainParams, new_total: int,
                     branch: bool) -> str | None:
     """A note for a resume at `step` that changes the learning rate of later steps, None when nothing
-    changes; a UserError when steps already taken would change, unless this is a branch."""
+    changes; a UserError when steps already taken would change, unless this is a branch or the new
+    params say train.lr_change=allow."""
     changed = [f"train.{k} {getattr(old, k)} → {getattr(new, k)}" for k in SCHEDULE_KEYS
                if getattr(old, k) != getattr(new, k)]
     if not changed and old_total == new_total:
@@ -67,15 +69,17 @@ def schedule_change(where: str, step: int, old: TrainParams, old_total: int, new
     if taken is None and ahead is None:
         return None
     here = f"step {step + 1}: lr {before(step):.4g} → {after(step):.4g}"
-    if taken is not None and not branch:
+    if taken is not None and not branch and new.lr_change != "allow":
         raise UserError(
             f"{where}: cannot resume, {what} changes the learning rate of steps already taken "
             f"(step {taken + 1}: {before(taken):.4g} → {after(taken):.4g}), so the curve would jump at the "
-            f"resumed {here}; keep the old values, or branch into another train.out_dir (it starts from "
-            f"this run's first {step} steps and leaves this run as it is), or start over with --resume none")
+            f"resumed {here}; keep the old values, branch into another train.out_dir (it starts from this "
+            f"run's first {step} steps and leaves this run as it is), start over with --resume none, or "
+            "take the jump with train.lr_change=allow")
     if taken is not None:
-        return (f"note: {what}: this branch takes the new schedule from {here} (a jump: the parent's "
-                f"first {step} steps keep the learning rate they were trained with)")
+        who = "this branch takes" if branch else "train.lr_change=allow: this run takes"
+        return (f"note: {what}: {who} the new schedule from {here} (a jump: the first {step} steps keep "
+                "the learning rate they were trained with)")
     first = "" if ahead == step else f"; it first differs at step {ahead + 1}: {before(ahead):.4g} → {after(ahead):.4g}"
     return f"note: {what} changes the learning rate of steps not yet taken ({here}{first})"
 
