@@ -18,7 +18,8 @@ MixtureSampler's micro_batches/batch without changing them) and checked against 
 defines:
 
   losses    finite; kill9 + resume gives the uninterrupted run's log rows and weights bit for bit;
-            2 processes give 1 process's losses (1e-5 in fp32); reweight keeps steps 1-4 of its parent
+            2 processes give 1 process's losses (1e-5 in fp32, 1e-3 relative in bf16/fp16); reweight
+            keeps steps 1-4 of its parent
   tokens    metrics.json tokens_by_source, the checkpoint's tokens_trained and train_log's tokens/NAME
             equal the windows consumed × seq_len; each weight segment's shares are within the
             Sainte-Laguë bound (½ + K·w/2 samples)
@@ -128,7 +129,7 @@ def write_sources(root: Path, lines: list[str]) -> dict[str, Path]:
             for t in texts[300:450]]
     (root / "b.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in chat).encode(),
                                                     mtime=0))
-    pq.write_table(pa.table({"text": [t[:240] for t in texts[450:470]]}), root / "c.parquet")
+    pq.write_table(pa.table({"text": [t[:100] for t in texts[450:465]]}), root / "c.parquet")  # 11 windows
     return {"jsonl": root / "a.jsonl", "gz": root / "b.jsonl.gz", "parquet": root / "c.parquet"}
 
 
