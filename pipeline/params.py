@@ -200,10 +200,15 @@ class BenchParams:
     """Documents scored per task (0 = all)."""
     batch_size: int = 8
     """Requests per forward pass."""
+    stages: list[str] = field(default_factory=list)
+    """[bench] puts the stage in DVC's pipelines (bench/dvc.yaml: `dvc repro bench/dvc.yaml` runs it,
+    `dvc status` checks it); [] leaves it out, so `dvc status` does not report a stage never run."""
 
     def check(self) -> None:
         if not self.tasks.strip():
             raise ParamError("bench.tasks", "must name at least one task")
+        if self.stages not in ([], ["bench"]):
+            raise ParamError("bench.stages", f"must be [] or [bench], got {self.stages}")
         if self.num_fewshot < 0 or self.limit < 0:
             raise ParamError("bench.num_fewshot" if self.num_fewshot < 0 else "bench.limit", "must not be negative")
         if self.batch_size < 1:

@@ -7,19 +7,27 @@ entry may hold is checked by `pipeline.data.sources`.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 from pipeline.errors import ParamError
 
 
+def _shipped_sources() -> dict:
+    from pipeline.data.sources import SHIPPED_SOURCES
+
+    return copy.deepcopy(SHIPPED_SOURCES)
+
+
 @dataclass
 class DataParams:
-    sources: dict = field(default_factory=lambda: {"sample": {"path": "data/sample.jsonl", "weight": 1.0,
-                                                              "text_field": "text"}})
+    sources: dict = field(default_factory=_shipped_sources)
     """Named sources of raw text: NAME → {path, weight, text_field}. path: a file, a list of
-    files or a directory (.jsonl, .jsonl.gz, .jsonl.zst, .parquet, a `datasets` directory);
-    weight: share of training samples (normalised; 0 leaves the source out); text_field:
-    defaults to data.text_field. Checked by `pipeline.data.sources`."""
+    files or a directory (.jsonl, .jsonl.gz, .jsonl.zst, .parquet, a `datasets` directory),
+    needed by `mm tokenize` and DVC only (training reads the store); weight: share of training
+    samples (normalised; 0 leaves the source out); text_field: defaults to data.text_field.
+    Checked by `pipeline.data.sources`. While it is the shipped default (`sample` alone),
+    training and `mm eval` read the store's other sources instead (`pick_sources`)."""
     val_fraction: float = 0.02
     """Fraction of documents (chosen by a hash of their text) held out for validation."""
     text_field: str = "text"
@@ -37,7 +45,8 @@ class DataParams:
             raise ParamError("data.cache_gb", f"must be positive, got {self.cache_gb}")
         from pipeline.data.sources import parse_sources
 
-        parse_sources(self.sources, self.text_field)  # a UserError naming data.sources.NAME.KEY
+        # A UserError naming data.sources.NAME.KEY; the path is checked where raw text is read.
+        parse_sources(self.sources, self.text_field, need_paths=False)
 
 
 @dataclass

@@ -1,8 +1,10 @@
-"""`mm eval`: validation loss, perplexity and bits per byte on the val split; or, with --tasks,
-benchmark tasks through lm-evaluation-harness on an exported model."""
+"""`mm eval`: validation loss, perplexity and bits per byte on the val split of each source training
+reads and of their weighted mix; or, with --tasks, benchmark tasks through lm-evaluation-harness on an
+exported model."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -37,7 +39,8 @@ def evaluate(
     params: ParamsOption = Path("params.yaml"),
     sets: SetOption = None,
 ) -> None:
-    """Score the val split (loss in nats/token, perplexity, bits per byte), or run benchmark tasks (--tasks)."""
+    """Score the val split of each source and their mix (loss in nats/token, perplexity, bits per byte), or run
+    benchmark tasks (--tasks). The sources and weights are training's: params data.sources."""
     p = load(params, sets)
     from pipeline.data.store.cache import configure
 
@@ -50,25 +53,31 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
+    from pipeline.data.sources import source_weights
     from pipeline.evaluate.held_out import evaluate_model
     from pipeline.train.progress import write_metrics
 
     out = out or Path("out/eval.json")
     result = evaluate_model(model, data, seq_len or p.train.seq_len, p.eval.batches, p.eval.batch_size, device,
-                            per_document=per_document)
+                            per_document=per_document, weights=source_weights(p.data.sources, p.data.text_field),
+                            note=lambda line: print(line, file=sys.stderr, flush=True))
     write_metrics(out, result)
 
-    table = Table(title=f"{model} on {data} val", show_header=False)
-    table.add_row("val loss (nats/token)", f"{result['val_loss']:.4f}")
-    table.add_row("perplexity", f"{result['perplexity']:.2f}")
-    table.add_row("bits per byte", f"{result['bits_per_byte']:.4f}")
     pieces = "document pieces of at most" if per_document else "windows of"
-    table.add_row("scored", f"{result['tokens']:,} tokens, {result['bytes']:,} bytes, "
-                            f"{result['windows']} {pieces} {result['seq_len']}")
+    table = Table(title=f"{model} on {data} val ({result['windows']} {pieces} {result['seq_len']} tokens)")
+    for column in ("source", "share", "val loss (nats/token)", "perplexity", "bits per byte", "tokens", "bytes"):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    total = sum(s["weight"] for s in result["by_source"].values())
+    rows = [(name, f"{s['weight'] / total:.3f}", s) for name, s in result["by_source"].items()]
+    if len(rows) > 1:  # the top level of out/eval.json: the figures training's validation reports
+        rows.append(("mix", "1", result))
+    for name, weight, s in rows:
+        table.add_row(name, weight, f"{s['val_loss']:.4f}", f"{s['perplexity']:.2f}", f"{s['bits_per_byte']:.4f}",
+                      f"{s['tokens']:,}", f"{s['bytes']:,}")
     if "train_val_loss" in result:
         # Same scorer and window rule; training scored train.eval_batches windows in its own precision.
-        table.add_row("val loss at training", f"{result['train_val_loss']:.4f}")
-        table.caption = "training scored its own number of windows (train.eval_batches) in its training dtype"
+        table.caption = (f"val loss at training: {result['train_val_loss']:.4f} (its own number of windows, "
+                         "train.eval_batches, in its training dtype)")
     Console().print(table)
     Console().print(f"wrote {out}")
 

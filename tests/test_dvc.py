@@ -1,15 +1,18 @@
 """`dvc repro` of the real dvc.yaml, in a fresh copy of the project.
 
 One test walks the whole story, because each `dvc repro` costs real training:
-first run → up to date → a param change reruns exactly its stages → new data
-reruns from the tokenizer on → metrics and plots render.
+first run → up to date (plain `dvc status`, every pipeline file) → the user's
+own data tokenized from the command line is what `mm train` and `mm eval` read
+→ a param change reruns exactly its stages → new data reruns from the
+tokenizer on → metrics and plots render → a source added without text_field
+runs to the end and `mm eval` scores it, the other and the mix.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import mm
 
 from pipeline.train.progress import read_log
 
@@ -27,10 +31,12 @@ GIT_ID = {"GIT_AUTHOR_NAME": "mm", "GIT_AUTHOR_EMAIL": "mm@example.com",
 
 
 def _copy_project(dest: Path) -> None:
-    """The tracked files as they are in the working tree: what a fresh clone would hold."""
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    """The project's files as they are in the working tree (tracked, and new ones git does not ignore:
+    the code `mm` runs is this checkout's): what a fresh clone would hold. Never a dvc.lock."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
     for name in files:
-        if name.startswith("tests/") or not (REPO / name).is_file():
+        if name.startswith("tests/") or name.endswith("dvc.lock") or not (REPO / name).is_file():
             continue
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, dest / name)
@@ -80,10 +86,15 @@ def test_dvc_repro_reruns_exactly_what_changed(tmp_path):
                 "data/tokens.zarr/sample/part-00000-of-00001/zarr.json", "data/model.json",
                 "out/ckpt.pth", "out/loss.png", "export/model.safetensors", "out/eval.json"]:
         assert (project / out).exists(), out
-    # The optional bench stage (bench/dvc.yaml) is not part of a plain `dvc repro`.
+    # The optional bench stage (bench/dvc.yaml) is not part of a plain `dvc repro`, and while
+    # params.yaml's bench.stages is empty it does not exist: plain `dvc status`, which reads every
+    # pipeline file, is clean, and `dvc metrics show` has no out/bench.json to fail on.
     assert not (project / "out" / "bench.json").exists()
-    assert "up to date" in _dvc(project, "status", "dvc.yaml")
+    assert "Data and pipelines are up to date." in _dvc(project, "status")
+    shown = _dvc(project, "metrics", "show")
+    assert "out/eval.json" in shown and "bench" not in shown and "failed" not in shown.lower(), shown
     assert _ran(_dvc(project, "repro")) == set()
+    _own_data_from_the_command_line(project)
 
     # A train key that once lived only as a code default (params.yaml now lists every key):
     # editing it makes training stale, and nothing upstream. `dvc status` runs nothing.
@@ -124,13 +135,53 @@ def test_dvc_repro_reruns_exactly_what_changed(tmp_path):
     losses = [row["loss"] for row in read_log(project / "out" / "train_log.tsv")]
     assert losses[-1] < losses[0] - 0.2
 
-    # 5. A new source: its own tokenize stage runs; the tokenizer, the store root and the
-    #    other source stay cached, and training is what it makes stale.
-    extra = project / "data" / "extra.jsonl.gz"
-    extra.write_bytes(gzip.compress("\n".join(lines[1::2]).encode() + b"\n"))
-    _set_params(project, lambda p: p["data"]["sources"].update(
-        extra={"path": "data/extra.jsonl.gz", "weight": 0.5, "text_field": "text"}))
-    assert _ran(_dvc(project, "repro", "tokenize@extra")) == {"tokenize@extra"}
-    assert (project / "data/tokens.zarr/extra/part-00000-of-00001/zarr.json").is_file()
+    # 5. A new source, given as the README's shortest form (no text_field: data.text_field): its
+    #    own tokenize stage runs; the tokenizer, the store root and the other source stay cached,
+    #    and training is what it makes stale. The chain then runs to the end, and `mm eval` scores
+    #    each source and the mix (the weighted mean, as training's validation).
+    (project / "data" / "zh.jsonl").write_text("\n".join(lines[1::2]) + "\n")
+    _set_params(project, lambda p: p["data"]["sources"].update(zh={"path": "data/zh.jsonl", "weight": 0.5}))
+    assert _ran(_dvc(project, "repro", "tokenize@zh")) == {"tokenize@zh"}
+    assert (project / "data/tokens.zarr/zh/part-00000-of-00001/zarr.json").is_file()
     stale = _dvc(project, "status")
     assert "train:" in stale and "tokenize@sample" not in stale and "tokenizer:" not in stale
+    assert _ran(_dvc(project, "repro")) == {"train", "export", "eval"}
+    assert "Data and pipelines are up to date." in _dvc(project, "status")
+    assert set(json.loads((project / "out" / "metrics.json").read_text())["tokens_by_source"]) == {"sample", "zh"}
+    scored = json.loads((project / "out" / "eval.json").read_text())
+    by_source = scored["by_source"]
+    assert list(by_source) == ["sample", "zh"] and [s["weight"] for s in by_source.values()] == [0.5, 0.5]
+    assert scored["val_loss"] == pytest.approx((by_source["sample"]["val_loss"] + by_source["zh"]["val_loss"]) / 2)
+
+
+def _own_data_from_the_command_line(project: Path) -> None:
+    """With params.yaml's data.sources as shipped, `mm tokenize data/raw.jsonl` then `mm train` train on
+    raw alone and say so; `mm export` and `mm eval` follow on it; naming sources on the command line
+    (no path: the store holds them) decides instead. The store and out/ are put back afterwards."""
+    shutil.copytree(project / "out", project / "out.dvc")  # DVC's run, put back at the end
+    lines = (project / "data" / "sample.jsonl").read_text().splitlines()
+    (project / "data" / "raw.jsonl").write_text("\n".join(lines[1::3]) + "\n")
+    done = mm("tokenize", "data/raw.jsonl", cwd=project)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # out/ holds the demo's run on sample: a run on other data starts over (--resume none).
+    done = mm("train", "--set", "train.max_steps=3", "--resume", "none", cwd=project)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "data: using the store's source raw" in done.stderr
+    assert "(chosen by the shipped-default rule" in done.stderr and re.search(r"\n\s+raw\s+[\d,]+", done.stderr)
+    assert set(json.loads((project / "out" / "metrics.json").read_text())["tokens_by_source"]) == {"raw"}
+    for args in (["export", "out/ckpt.pth", "--out", "export-raw"],
+                 ["eval", "export-raw", "--out", "out/eval-raw.json", "--set", "eval.batches=1"]):
+        done = mm(*args, cwd=project)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert list(json.loads((project / "out" / "eval-raw.json").read_text())["by_source"]) == ["raw"]
+    # Sources named with --set, no path: params decide (sample left out by weight 0).
+    done = mm("train", "--set", "train.max_steps=2", "--set", "train.out_dir=out-named", "--set",
+              "data.sources.raw.weight=1", "--set", "data.sources.sample.weight=0", cwd=project)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(chosen by data.sources)" in done.stderr
+    assert set(json.loads((project / "out-named" / "metrics.json").read_text())["tokens_by_source"]) == {"raw"}
+    for path in ("data/tokens.zarr/raw", "export-raw", "out-named", "out"):
+        shutil.rmtree(project / path)
+    (project / "data" / "raw.jsonl").unlink()
+    (project / "out.dvc").rename(project / "out")
+    assert "Data and pipelines are up to date." in _dvc(project, "status")

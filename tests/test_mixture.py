@@ -286,3 +286,79 @@ def test_checkpoint_records_sources_and_bits_per_byte_and_the_card_shows_them(ru
         row = (f"| {n} | {w:.3f} | {e['tokens_trained']:,} | {e['train_tokens']:,} | "
                f"{metrics['val_loss_by_source'][n]:.4f} | {metrics['val_bits_per_byte_by_source'][n]:.4f} |")
         assert row in card, card
+
+
+
+# ---------------------------------------------------------------------------
+# Which sources a run reads: data.sources, or while that is the shipped default the store's own
+# ---------------------------------------------------------------------------
+
+
+def test_shipped_default_reads_the_stores_own_sources_until_params_name_one(store):
+    from pipeline.data.sources import parse_sources
+    from pipeline.params import load_params
+    from pipeline.train.run_data import open_train_data, source_weights
+
+    repo = Path(__file__).resolve().parents[1]
+    assert source_weights(load_params(repo / "params.yaml")).shipped  # the shipped file is the rule's default
+    tp = load_params(None, ["train.seq_len=32"]).train
+    notes = []
+    # data.sources as shipped (sample alone) and a store without sample: its own sources, at equal weights.
+    data = open_train_data(store, source_weights(load_params(None)), tp, notes.append)
+    assert data.names == ["one", "other", "three"] and data.weights == [1.0, 1.0, 1.0]
+    assert len(notes) == 1 and "sources one, other, three" in notes[0] and "shipped default" in notes[0]
+    assert "(chosen by the shipped-default rule" in data.summary(10, 8)
+
+    # Named on the command line, without a path (the store holds it): params win, silently.
+    notes.clear()
+    named = load_params(None, ["data.sources.other.weight=1", "data.sources.sample.weight=0"])
+    data = open_train_data(store, source_weights(named), tp, notes.append)
+    assert data.names == ["other"] and "(chosen by data.sources)" in data.summary(10, 8)
+    assert not any("shipped" in n for n in notes)
+    # Any change to the shipped entry is a choice too: sample is then required.
+    with pytest.raises(UserError, match="no source sample in the store"):
+        open_train_data(store, source_weights(load_params(None, ["data.sources.sample.weight=0.5"])), tp, print)
+    # Reading raw text still needs the path, and says so.
+    with pytest.raises(UserError, match=r"data.sources.other.path: .*training needs only the name"):
+        parse_sources(named.data.sources, "text")
+
+
+def test_an_entry_naming_another_text_field_than_the_store_used_is_refused(store):
+    from pipeline.params import load_params
+    from pipeline.train.run_data import open_train_data, source_weights
+
+    sets = ["train.seq_len=32", "data.sources.other.weight=1", "data.sources.sample.weight=0"]
+    tp = load_params(None, sets).train
+    open_train_data(store, source_weights(load_params(None, [*sets, "data.sources.other.text_field=text"])), tp, print)
+    with pytest.raises(UserError, match=r"data.sources.other.text_field: 'body', but .*other.* tokenized from 'text'"):
+        open_train_data(store, source_weights(load_params(None, [*sets, "data.sources.other.text_field=body"])), tp,
+                        print)
+
+
+def test_mm_eval_scores_each_source_and_the_weighted_mix(runs, store):
+    import math
+
+    from conftest import mm
+
+    root = runs["root"]
+    out = root / "eval-mix.json"
+    r = mm("eval", runs["ref"] / "ckpt.pth", "--data", store, "--out", out, "--seq-len", 32, "--params",
+           root / "params.yaml", "--set", "eval.batches=1", "--set", "eval.batch_size=4", "--device", "cpu", cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    by_source = result["by_source"]
+    assert list(by_source) == list(WEIGHTS) and all(by_source[n]["weight"] == w for n, w in WEIGHTS.items())
+    assert result["val_loss"] == pytest.approx(sum(w * by_source[n]["val_loss"] for n, w in WEIGHTS.items()))
+    bytes_per_token = sum(w * by_source[n]["bytes"] / by_source[n]["tokens"] for n, w in WEIGHTS.items())
+    assert result["bits_per_byte"] == pytest.approx(result["val_loss"] / (math.log(2) * bytes_per_token))
+    assert result["tokens"] == sum(s["tokens"] for s in by_source.values())
+    assert re.search(r"│ mix +│ +1 │", r.stdout) and all(re.search(rf"│ {n} +│", r.stdout) for n in WEIGHTS)
+    # One source named alone scores exactly what the mix reported for it.
+    alone = root / "eval-one.json"
+    r = mm("eval", runs["ref"] / "ckpt.pth", "--data", store, "--out", alone, "--seq-len", 32, "--params",
+           root / "params.yaml", "--set", "eval.batches=1", "--set", "eval.batch_size=4", "--device", "cpu",
+           "--set", "data.sources.three.weight=0", "--set", "data.sources.one.weight=0", cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = json.loads(alone.read_text())
+    assert list(one["by_source"]) == ["other"] and one["val_loss"] == by_source["other"]["val_loss"]
+    assert one["bits_per_byte"] == pytest.approx(by_source["other"]["bits_per_byte"], rel=1e-12)

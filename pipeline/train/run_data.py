@@ -8,6 +8,9 @@
     evaluate_sources(model, data, tp, device, autocast)   # val loss and bits per byte, per source and overall
 
 Sources with weight 0 are left out: not opened, not required in the store.
+Which sources are read is `pipeline.data.sources.pick_sources`: data.sources,
+or, while that is the shipped default, the store's sources params do not name
+(the summary's first line says which rule chose them).
 The overall validation loss is the weight-averaged loss of the sources, the
 loss on the training mixture; its bits per byte divide that by the
 weight-averaged bytes per token (ln 2 · bytes), so the two stay one figure
@@ -23,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.sampler import MixtureSampler, SourceSplit, Windows
-from pipeline.data.sources import parse_sources
+from pipeline.data.sources import Weights, pick_sources
+from pipeline.data.sources import source_weights as weights_of_sources
 from pipeline.data.store.reader import TokenStore, open_store
 from pipeline.errors import UserError
 from pipeline.evaluate.scoring import Score, score_tokens
@@ -40,6 +44,8 @@ class TrainData:
     """Validation windows of each source that has at least one."""
     byte_lengths: np.ndarray | None = None
     """UTF-8 bytes of each token id (scoring.token_byte_lengths): validation reports bits per byte with them."""
+    chosen_by: str = "data.sources"
+    """The rule that chose the sources (pipeline/data/sources.py pick_sources), for the summary."""
 
     @property
     def mixture_key(self) -> str:
@@ -82,21 +88,28 @@ class TrainData:
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
                  for r in rows]
-        return (f"data: {len(self.names)} source{'s' if len(self.names) > 1 else ''} from {self.store.path}, "
+        return (f"data: {len(self.names)} source{'s' if len(self.names) > 1 else ''} from {self.store.path} "
+                f"(chosen by {self.chosen_by}), "
                 f"window_start {self.sampler.windows[0].window_start}\n  " + "\n  ".join(lines))
 
 
-def source_weights(params: Params) -> dict[str, float]:
-    """{name: weight} of data.sources, checked (pipeline/data/sources.py)."""
-    return {name: s.weight for name, s in parse_sources(params.data.sources, params.data.text_field).items()}
+def source_weights(params: Params) -> Weights:
+    """{name: weight} of data.sources, checked (pipeline/data/sources.py), with what open_train_data
+    needs to apply the shipped-default rule (pick_sources)."""
+    return weights_of_sources(params.data.sources, params.data.text_field)
 
 
 def open_train_data(store_path: str | Path, weights: dict[str, float], tp: TrainParams, note) -> TrainData:
-    """Open the sources with a positive weight and build the sampler; UserErrors name what is wrong."""
-    drawn = {name: w for name, w in weights.items() if w > 0}
+    """Open the sources with a positive weight and build the sampler; UserErrors name what is wrong.
+    While data.sources is the shipped default, the store's own sources (pick_sources)."""
+    # why: set when pick_sources reads the store's own sources instead of data.sources
+    drawn, why = pick_sources(weights, list(open_store(store_path).sources) if weights_shipped(weights) else [])
     if not drawn:
         raise UserError("data.sources: every weight is 0; at least one source must have a positive weight")
-    store = open_store(store_path, sources=list(drawn), note=note)
+    if why:
+        note(why)
+    store = open_store(store_path, sources=list(drawn), note=None if why else note)
+    check_text_fields(store, getattr(weights, "text_fields", {}))
     names = list(store.sources)
     for name in names:
         split = store.sources[name].train
@@ -113,7 +126,26 @@ def open_train_data(store_path: str | Path, weights: dict[str, float], tp: Train
         windows = Windows(split.tokens, split.doc_offsets, tp.seq_len)
         if windows.n_windows:
             val[name] = windows
-    return TrainData(store=store, names=names, weights=[drawn[n] for n in names], sampler=sampler, val=val)
+    return TrainData(store=store, names=names, weights=[drawn[n] for n in names], sampler=sampler, val=val,
+                     chosen_by="the shipped-default rule: the store's sources outside data.sources" if why
+                     else "data.sources")
+
+
+def weights_shipped(weights: dict) -> bool:
+    return bool(getattr(weights, "shipped", False))
+
+
+def check_text_fields(store: TokenStore, text_fields: dict[str, str]) -> None:
+    """A source whose params entry names a text_field was tokenized from that field: DVC's tokenize
+    stage tracks data.text_field and the source's path, not the entry's own text_field (which an
+    entry may leave out, and DVC cannot track a missing key), so a changed one is caught here."""
+    for name, wanted in text_fields.items():
+        for part in store.sources[name].parts if name in store.sources else []:
+            used = part.attrs.get("text_field")
+            if used is not None and used != wanted:
+                raise UserError(f"data.sources.{name}.text_field: {wanted!r}, but {part.path} was tokenized "
+                                f"from {used!r}: tokenize it again (`mm tokenize --source {name} --force`, "
+                                f"or `dvc repro -f tokenize@{name}`)")
 
 
 @dataclass
