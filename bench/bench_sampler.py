@@ -21,7 +21,7 @@ from pathlib import Path
 from pipeline.data.sampler import MixtureSampler, SourceSplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from synthetic import BOS, SyntheticOffsets, SyntheticTokens  # noqa: E402  (tests/synthetic.py: shared with the tests)
+from synthetic import SyntheticOffsets, SyntheticTokens  # noqa: E402  (tests/synthetic.py: shared with the tests)
 
 
 def measure(n_tokens: int, window_start: str, seq_len: int, micro: int, accum: int, steps: int) -> dict:
@@ -30,7 +30,7 @@ def measure(n_tokens: int, window_start: str, seq_len: int, micro: int, accum: i
                                   ("small", 0.1, 10**5))]
     tracemalloc.start()
     t0 = time.perf_counter()
-    sampler = MixtureSampler(sources, seq_len, seed=1, bos_id=BOS, window_start=window_start)
+    sampler = MixtureSampler(sources, seq_len, seed=1, window_start=window_start)
     build = time.perf_counter() - t0
     t0 = time.perf_counter()
     for start in (0, 10**9):

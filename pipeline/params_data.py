@@ -32,6 +32,11 @@ class DataParams:
     """Fraction of documents (chosen by a hash of their text) held out for validation."""
     text_field: str = "text"
     """The JSON field that holds each document's text."""
+    phases: list = field(default_factory=list)
+    """Training phases, each with its own source weights: [{until, weights: {NAME: weight}}, ...].
+    A phase runs from the previous one's end to `until`: a fraction of the run (a number ≤ 1) or a
+    step (an integer > 1); the last phase's weights also cover any steps after its `until`. Empty:
+    data.sources' weights for the whole run. Sources a phase does not name have weight 0 in it."""
     cache_dir: str = ""
     """Local directory for the chunk files of a token store in object storage (s3://, gs://, az://);
     empty: $XDG_CACHE_HOME/mm/chunks (~/.cache/mm/chunks). Shared by runs and processes."""
@@ -47,6 +52,7 @@ class DataParams:
 
         # A UserError naming data.sources.NAME.KEY; the path is checked where raw text is read.
         parse_sources(self.sources, self.text_field, need_paths=False)
+        check_phases(self.phases, self.sources)
 
 
 @dataclass
@@ -64,3 +70,37 @@ def check_tokenizer_sources(tokenizer: TokenizerParams, data: DataParams) -> Non
     for name in tokenizer.sources:
         if name not in data.sources:
             raise ParamError("tokenizer.sources", f"names '{name}', which is not in data.sources")
+
+
+def check_phases(phases, sources: dict) -> None:
+    """Each phase is {until, weights}: until a fraction in (0, 1] or a step > 1, increasing within each
+    kind (fractions against steps are compared once the run's length is known); weights name sources
+    of data.sources, are finite and non-negative, and not all 0."""
+    import math
+
+    if not isinstance(phases, list):
+        raise ParamError("data.phases", f"must be a list of {{until, weights}}, got {phases!r}")
+    last = {False: 0.0, True: 0}
+    for i, phase in enumerate(phases):
+        key = f"data.phases[{i}]"
+        if not isinstance(phase, dict) or set(phase) != {"until", "weights"}:
+            raise ParamError(key, f"must be a mapping with exactly the keys until and weights, got {phase!r}")
+        until, weights = phase["until"], phase["weights"]
+        number = isinstance(until, (int, float)) and not isinstance(until, bool)
+        is_step = number and isinstance(until, int) and until > 1
+        if not (is_step or (number and 0 < until <= 1)):
+            raise ParamError(f"{key}.until", f"must be a fraction of the run in (0, 1] or a step count "
+                                             f"(an integer > 1), got {until!r}")
+        if until <= last[is_step]:
+            raise ParamError(f"{key}.until", f"must come after the previous phase's until ({last[is_step]}), "
+                                             f"got {until}")
+        last[is_step] = until
+        if not isinstance(weights, dict) or not weights:
+            raise ParamError(f"{key}.weights", f"must map source names to weights, got {weights!r}")
+        for name, w in weights.items():
+            if name not in sources:
+                raise ParamError(f"{key}.weights.{name}", "is not a source of data.sources")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ParamError(f"{key}.weights.{name}", f"must be a finite number >= 0, got {w!r}")
+        if not any(w > 0 for w in weights.values()):
+            raise ParamError(f"{key}.weights", "are all 0: a phase must draw from some source")

@@ -81,7 +81,6 @@ KNOWN_GAPS = [
     ("windows", lambda c: c["mid"] == "reweight", "resume with changed weights restarts every source's position"),
     ("documents", lambda c: c["sources"] == "three", "document boundaries come from BOS tokens, and the chat "
                                                      "text holds <|im_start|>"),
-    ("export", lambda c: c["sources"] == "three", "mm eval reads one source only"),
 ]
 
 

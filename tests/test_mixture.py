@@ -9,13 +9,22 @@ What is shown:
   completeness  a missing part is an error naming it; parts of different splits are refused
   scale         the views index and slice past 2^32 tokens and documents with int64 arithmetic
   training      `mm train` over three sources weighted 0.6/0.3/0.1 with window_start document:
-                tokens/NAME in train_log.tsv within a sample of the weights at every step, the same
+                tokens/NAME in train_log.tsv equal to the samples the run was handed (recorded by the
+                sampler, MM_RECORD_WINDOWS) and within a sample of the weights at every step, the same
                 figures in metrics.json, val_loss per source and overall (their weighted mean), the
                 summary table; two processes give the same per-step losses (1e-5, fp32) and a run
                 stopped halfway and resumed gives the identical log rows
   model card    the checkpoint records each source's weight and tokens trained on (= train_log.tsv's)
                 and val bits per byte, per source (= the scorer of `mm eval` on the saved weights) and
                 overall; the exported README.md shows those figures
+  properties    (Hypothesis) any weights, source sizes, segments and resume points: exact shares at
+                every prefix, every window once per pass across segment boundaries, a resume equal to
+                a straight run, changed weights continuing each source, phases exact within each
+  phases        data.phases 0.9/0.1 then 0.3/0.7 for the last 20%: per-phase tokens exactly the weights
+                (counted from the record), a kill -9 inside the save at the boundary resumed to the
+                identical curve; weights changed at a resume (--allow-data-change, refused without):
+                tokens/NAME, metrics.json and the checkpoint equal the recorded windows, no window twice
+                in a pass; `mm eval` scores a document-attention checkpoint as its validation did
 """
 
 from __future__ import annotations
@@ -27,7 +36,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from pipeline.data.mixture import Schedule, Segment, phase_segments, resumed
+from pipeline.data.sampler import Mixture, MixtureSampler, SourceSplit
 from pipeline.data.store.reader import open_store, part_dir
 from pipeline.data.store.views import ConcatArray, ConcatOffsets
 from pipeline.errors import UserError
@@ -182,12 +195,14 @@ def runs(store, tiny_store, tmp_path_factory) -> dict[str, Path]:
         return cmd + [a for s in sets for a in ("--set", f"train.{s}")] + list(extra)
 
     env = mm_env(OMP_NUM_THREADS="1")
+    recording = mm_env(OMP_NUM_THREADS="1", MM_RECORD_WINDOWS=str(root / "ref.windows"))  # what ref trained on
     procs = {
         "ref": train("ref", "--set", "train.accumulation_steps=2"),
         "procs2": train("procs2", "--procs", "2", "--master-port", str(_free_port())),
         "resumed": train("resumed", "--set", "train.accumulation_steps=2", "--set", "train.stop_after=12"),
     }
-    started = {k: subprocess.Popen(c, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = {k: subprocess.Popen(c, cwd=root, env=recording if k == "ref" else env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
                for k, c in procs.items()}
     results = {k: p.communicate(timeout=600) for k, p in started.items()}
     for k, p in started.items():
@@ -215,10 +230,13 @@ def test_tokens_per_source_follow_the_weights(runs):
     header, rows = _rows(runs["ref"] / "train_log.tsv")
     cols = [header.index(f"tokens/{n}") for n in WEIGHTS]
     assert len(rows) == STEPS
+    records = _recorded(runs["root"] / "ref.windows")  # the samples training was handed, counted apart
+    assert [g for _, g, _, _ in records] == list(range(STEPS * 8))
     for row in rows:  # every step: each source within ½ + K·w/2 samples of its share
         step = int(row[0])
         samples = [int(row[c]) // 32 for c in cols]
-        assert sum(samples) == step * 8
+        trained = _tally(records, step)
+        assert samples == [trained.get(n, 0) for n in WEIGHTS] and [int(row[c]) % 32 for c in cols] == [0, 0, 0]
         for n, got in zip(WEIGHTS, samples, strict=True):
             assert abs(got - step * 8 * WEIGHTS[n]) <= 0.5 + 1.5 * WEIGHTS[n] + 1e-9, (step, n, got)
     metrics = json.loads((runs["ref"] / "metrics.json").read_text())
@@ -268,7 +286,7 @@ def test_checkpoint_records_sources_and_bits_per_byte_and_the_card_shows_them(ru
     model, opened = model_from_checkpoint(state).eval(), open_store(store)
     lengths = token_byte_lengths(load_tokenizer(tiny_store.tokenizer)[0], model.config.vocab_size)
     scores = {n: score_tokens(model, opened.sources[n].val.tokens, 32, 4, 4, byte_lengths=lengths,
-                              bos_id=opened.bos_id) for n in WEIGHTS}
+                              doc_offsets=opened.sources[n].val.doc_offsets) for n in WEIGHTS}
     for n, score in scores.items():
         assert metrics["val_bits_per_byte_by_source"][n] == pytest.approx(score.bits_per_byte, rel=1e-5)
     bytes_per_token = sum(WEIGHTS[n] * s.bytes / s.tokens for n, s in scores.items())
@@ -287,6 +305,293 @@ def test_checkpoint_records_sources_and_bits_per_byte_and_the_card_shows_them(ru
                f"{metrics['val_loss_by_source'][n]:.4f} | {metrics['val_bits_per_byte_by_source'][n]:.4f} |")
         assert row in card, card
 
+
+# ---------------------------------------------------------------------------
+# The mixture sampler's properties (Hypothesis): any weights, source sizes, segments, resume points
+# ---------------------------------------------------------------------------
+
+PROPERTY = settings(max_examples=50, deadline=None)
+weight_lists = st.lists(st.integers(0, 9), min_size=1, max_size=4).filter(lambda ws: sum(ws) > 0)
+
+
+def _sampler(sizes: list[int], names: list[str] | None = None) -> MixtureSampler:
+    """Stream windows of seq_len 2 over sources of `sizes` windows (ids are positions: no storage)."""
+    names = names or [f"s{k}" for k in range(len(sizes))]
+    return MixtureSampler([SourceSplit(n, 1.0, np.arange(2 * size + 1), None) for n, size in zip(names, sizes,
+                                                                                                 strict=True)],
+                          seq_len=2, seed=7)
+
+
+@st.composite
+def schedules(draw, max_sources: int = 3) -> tuple[Schedule, list[int]]:
+    """A schedule of 1-3 segments over up to `max_sources` sources, and the sources' window counts."""
+    k = draw(st.integers(1, max_sources))
+    names = [f"s{i}" for i in range(k)]
+    starts = [0, *sorted(set(draw(st.lists(st.integers(1, 80), max_size=2))))]
+    segments = []
+    for start in starts:
+        ws = draw(st.lists(st.integers(0, 5), min_size=k, max_size=k).filter(lambda w: sum(w) > 0))
+        segments.append(Segment(start, tuple(zip(names, map(float, ws), strict=True))))
+    sizes = draw(st.lists(st.integers(1, 12), min_size=k, max_size=k))
+    return Schedule(segments), sizes
+
+
+@PROPERTY
+@given(weight_lists, st.integers(0, 400))
+def test_property_shares_are_exact_at_every_prefix(weights, n):
+    """One segment: after any n samples each source holds n·w within ½ + K·w/2, and counts == the order."""
+    schedule = Schedule([Segment(0, tuple((f"s{k}", float(w)) for k, w in enumerate(weights)))])
+    counts = schedule.counts(n)
+    total = sum(weights)
+    for k, w in enumerate(weights):
+        assert abs(counts.get(f"s{k}", 0) - n * w / total) <= 0.5 + len(weights) * (w / total) / 2 + 1e-9
+    source, _ = schedule.locate(np.arange(n))
+    assert {name: int((source == i).sum()) for i, name in enumerate(schedule.names)} == counts
+
+
+@PROPERTY
+@given(schedules(), st.integers(1, 200))
+def test_property_every_window_once_per_pass_across_segments(drawn, n):
+    """Within-source indices run 0, 1, 2, ... with no gap or repeat across segment boundaries, so each
+    pass over a source visits each of its windows exactly once."""
+    schedule, sizes = drawn
+    sampler = _sampler(sizes)
+    sampler.set_schedule(schedule)
+    named, within = schedule.locate(np.arange(n))
+    sources, windows = sampler.window_ids(0, n)
+    counts = schedule.counts(n)
+    for k, name in enumerate(sampler.names):
+        if name not in schedule.names:
+            continue
+        assert within[named == schedule.names.index(name)].tolist() == list(range(counts[name]))
+        seen = windows[sources == k].tolist()
+        for p in range(0, len(seen), sizes[k]):
+            visit = seen[p : p + sizes[k]]
+            assert len(set(visit)) == len(visit)  # a full pass is a permutation, a partial one has no repeat
+            if len(visit) == sizes[k]:
+                assert sorted(visit) == list(range(sizes[k]))
+
+
+@PROPERTY
+@given(schedules(), st.integers(0, 150), st.integers(1, 4))
+def test_property_resume_at_any_step_equals_a_straight_run(drawn, step, batch):
+    """A fresh sampler whose schedule is the checkpoint's segments + the same plan (mixture.resumed)
+    reads exactly what the straight run reads from that step on, and counts the same."""
+    schedule, sizes = drawn
+    straight = _sampler(sizes)
+    straight.set_schedule(schedule)
+    fresh = _sampler(sizes)
+    fresh.set_schedule(Schedule(resumed(schedule.segments, schedule.segments, step * batch)))
+    assert fresh.schedule.segments == schedule.segments
+    for s in (step, step + 1, step + 7):
+        a, b = straight.window_ids(s * batch, batch), fresh.window_ids(s * batch, batch)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert fresh.samples_per_source(step * batch) == straight.samples_per_source(step * batch)
+
+
+@PROPERTY
+@given(schedules(max_sources=2), st.integers(1, 120), weight_lists.filter(lambda ws: len(ws) == 2))
+def test_property_changed_weights_continue_each_source(drawn, at, new):
+    """Resume at `at` with other weights: the samples before `at` are the checkpoint's, each source then
+    continues from its consumed position (no window repeated or skipped), and the counts after `at`
+    follow the new weights from `at` on."""
+    schedule, sizes = drawn
+    names = [f"s{i}" for i in range(len(sizes))]
+    plan = [Segment(0, tuple(zip(names, map(float, new[: len(names)]), strict=False)))]
+    if sum(new[: len(names)]) == 0:
+        return
+    after = Schedule(resumed(schedule.segments, plan, at))
+    before_counts = schedule.counts(at)
+    assert after.counts(at) == {n: before_counts.get(n, 0) for n in after.names}
+    named_a, within_a = schedule.locate(np.arange(at))
+    named_b, within_b = after.locate(np.arange(at))
+    assert [schedule.names[i] for i in named_a] == [after.names[i] for i in named_b]
+    assert np.array_equal(within_a, within_b)
+    named, within = after.locate(np.arange(at + 60))
+    for i in range(len(after.names)):
+        assert within[named == i].tolist() == list(range(int((named == i).sum())))
+    fresh = Schedule(plan).counts(60)
+    if after.segments[-1].start == at:  # the new weights start their own exact order at `at`
+        assert {n: after.counts(at + 60).get(n, 0) - after.counts(at).get(n, 0) for n in fresh} == fresh
+
+
+@PROPERTY
+@given(st.integers(5, 60), st.sampled_from([0.5, 0.8, 0.25]), st.integers(1, 6))
+def test_property_phases_have_exact_shares_within_each_phase(total, until, batch):
+    """data.phases: the boundary is the nearest step to until · total; each phase's counts are its own
+    mixture's from its own start (exact: 9:1 of every 10 samples, 3:7 of every 10)."""
+    phases = [{"until": until, "weights": {"a": 0.9, "b": 0.1}}, {"until": 1.0, "weights": {"a": 0.3, "b": 0.7}}]
+    schedule = Schedule(phase_segments(phases, ["a", "b"], total, batch))
+    boundary = int(until * total + 0.5) * batch
+    assert [s.start for s in schedule.segments] == [0, boundary]
+    first, end = schedule.counts(boundary), schedule.counts(total * batch)
+    second = {n: end[n] - first[n] for n in end}
+    n2 = total * batch - boundary
+    assert first == dict(zip("ab", Mixture([0.9, 0.1]).counts(boundary), strict=True))
+    assert second == dict(zip("ab", Mixture([0.3, 0.7]).counts(n2), strict=True))
+    if boundary % 10 == 0 and n2 % 10 == 0:
+        assert first == {"a": boundary * 9 // 10, "b": boundary // 10}
+        assert second == {"a": n2 * 3 // 10, "b": n2 * 7 // 10}
+
+
+# ---------------------------------------------------------------------------
+# Phases, a kill across their boundary, and weights changed at a resume (real runs)
+# ---------------------------------------------------------------------------
+
+PHASES = [{"until": 0.8, "weights": {"three": 0.9, "other": 0.1}},
+          {"until": 1.0, "weights": {"three": 0.3, "other": 0.7}}]
+PHASE_STEPS, BATCH = 20, 10  # the boundary at step 16 = global sample 160; 10 samples a step
+
+
+@pytest.fixture(scope="module")
+def phased(store, tiny_store, tmp_path_factory) -> dict:
+    """Runs of 20 steps over sources `three` and `other` with document attention, every one recording
+    the windows it trained on (MM_RECORD_WINDOWS):
+      straight  data.phases 0.9/0.1 then 0.3/0.7 for the last 20%
+      killed    the same, SIGKILLed inside the save of step 16 (so it resumes from 12, across the boundary)
+      changed   weights 0.6/0.4 for 10 steps (train.stop_after), then resumed with 0.1/0.9; a resume
+                without --allow-data-change is refused first"""
+    import subprocess
+    import sys
+
+    from conftest import mm, mm_env
+
+    root = tmp_path_factory.mktemp("phases")
+    sources = {n: {"path": "unused.jsonl", "weight": 1.0} for n in ("three", "other")}
+    (root / "phases.yaml").write_text(json.dumps({"data": {"sources": sources, "phases": PHASES}}))
+    for name, w in (("before", {"three": 0.6, "other": 0.4}), ("after", {"three": 0.1, "other": 0.9})):
+        changed = {n: {"path": "unused.jsonl", "weight": w[n]} for n in sources}
+        (root / f"{name}.yaml").write_text(json.dumps({"data": {"sources": changed}}))
+    done = mm("config", "--tokenizer", tiny_store.tokenizer, "--out", root / "model.json", "--set", "model.dim=32",
+              "--set", "model.n_layers=1", cwd=root)
+    assert done.returncode == 0, done.stderr
+
+    def train(name: str, params: str, *extra: str) -> list[str]:
+        sets = ["seq_len=32", "micro_batch_size=5", "accumulation_steps=2", f"max_steps={PHASE_STEPS}", "dtype=fp32",
+                "eval_interval=10", "eval_batches=1", "save_interval=4", "log_interval=4", "warmup_steps=2",
+                "seed=3", "attention=document", f"out_dir={root / name}"]
+        cmd = [sys.executable, "-m", "stages.cli", "train", "--data", str(store), "--tokenizer",
+               str(tiny_store.tokenizer), "--model", str(root / "model.json"), "--device", "cpu",
+               "--params", str(root / f"{params}.yaml")]
+        return cmd + [a for s in sets for a in ("--set", f"train.{s}")] + list(extra)
+
+    def env(name: str, **extra: str) -> dict:
+        return mm_env(OMP_NUM_THREADS="1", MM_RECORD_WINDOWS=str(root / f"{name}.windows"), **extra)
+
+    first = {"straight": (train("straight", "phases"), env("straight")),
+             "killed": (train("killed", "phases"), env("killed", MM_INJECT_SAVE_FAULT="16:kill")),
+             "changed": (train("changed", "before", "--set", "train.stop_after=10"), env("changed"))}
+    started = {k: subprocess.Popen(c, cwd=root, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for k, (c, e) in first.items()}
+    results = {k: p.communicate(timeout=600) for k, p in started.items()}
+    assert started["straight"].returncode == 0, results["straight"][1][-3000:]
+    assert started["changed"].returncode == 0, results["changed"][1][-3000:]
+    assert started["killed"].returncode == -9, results["killed"][1][-3000:]
+
+    def again(name: str, params: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(train(name, params, *extra), cwd=root, env=env(name), capture_output=True, text=True,
+                              timeout=600)
+
+    out = {"root": root, "straight_stderr": results["straight"][1], "killed": again("killed", "phases"),
+           "refused": again("changed", "after"), "changed": again("changed", "after", "--allow-data-change")}
+    return out
+
+
+def _recorded(path: Path) -> list[tuple[int, int, str, int]]:
+    """(step, global sample, source, window) of every sample handed to training, in sample order."""
+    rows = [line.split("\t") for line in path.read_text().splitlines()]
+    return sorted((int(s), int(g), n, int(w)) for s, g, n, w in rows)
+
+
+def _tally(records, until_step: int) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for step, _, name, _ in records:
+        if step < until_step:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def test_phases_give_exact_shares_in_each_phase(phased):
+    root = phased["root"]
+    records = _recorded(root / "straight.windows")
+    assert [g for _, g, _, _ in records] == list(range(PHASE_STEPS * BATCH))  # each sample once, in order
+    first, total = _tally(records, 16), _tally(records, PHASE_STEPS)
+    assert first == {"three": 144, "other": 16}  # 160 samples at 0.9/0.1
+    assert {n: total[n] - first[n] for n in total} == {"three": 12, "other": 28}  # 40 samples at 0.3/0.7
+    header, rows = _rows(root / "straight" / "train_log.tsv")
+    for row in rows:  # tokens/NAME at every step = 32 × the samples the run was handed
+        trained = _tally(records, int(row[0]))
+        assert {n: int(row[header.index(f"tokens/{n}")]) for n in total} == {n: 32 * trained.get(n, 0) for n in total}
+    metrics = json.loads((root / "straight" / "metrics.json").read_text())
+    assert metrics["tokens_by_source"] == {n: 32 * c for n, c in total.items()}
+    from pipeline.checkpoint.format import load_checkpoint
+
+    data = load_checkpoint(root / "straight" / "ckpt.pth")["data"]
+    assert [s["start"] for s in data["segments"]] == [0, 160]
+    assert {n: e["tokens_trained"] for n, e in data["sources"].items()} == metrics["tokens_by_source"]
+    assert "mixture by segment: three=0.9 other=0.1; from sample 160: three=0.3 other=0.7" in phased["straight_stderr"]
+
+
+def test_kill9_across_the_phase_boundary_resumes_identically(phased):
+    root = phased["root"]
+    r = phased["killed"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from {root / 'killed' / 'step_00000012.pth'} at step 12" in r.stderr, r.stderr[-3000:]
+    header, straight = _rows(root / "straight" / "train_log.tsv")
+    _, killed = _rows(root / "killed" / "train_log.tsv")
+    keep = [i for i, c in enumerate(header) if c != "tokens_per_s"]
+    assert [[x[i] for i in keep] for x in killed] == [[x[i] for i in keep] for x in straight]
+    # The samples trained after the resume are the straight run's (the killed steps 13-16 were redone).
+    redone = {(g, n, w) for s, g, n, w in _recorded(root / "killed.windows") if s >= 12}
+    assert redone == {(g, n, w) for s, g, n, w in _recorded(root / "straight.windows") if s >= 12}
+
+
+def test_changed_weights_continue_each_source_and_count_what_was_trained(phased, store):
+    from conftest import assert_user_error
+
+    from pipeline.checkpoint.format import load_checkpoint
+    from pipeline.data.sampler import Windows
+
+    assert_user_error(phased["refused"], "data_mixture", "--allow-data-change", alone=False)
+    r = phased["changed"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    root = phased["root"]
+    records = _recorded(root / "changed.windows")
+    # The record holds steps 0-9 (first invocation), nothing from the refused one, then 10-19.
+    assert [g for _, g, _, _ in records] == list(range(PHASE_STEPS * BATCH))
+    before, total = _tally(records, 10), _tally(records, PHASE_STEPS)
+    assert before == {"three": 60, "other": 40}
+    assert {n: total[n] - before[n] for n in total} == {"three": 10, "other": 90}  # the new weights, exactly
+    header, rows = _rows(root / "changed" / "train_log.tsv")
+    assert {n: int(rows[-1][header.index(f"tokens/{n}")]) for n in total} == {n: 32 * c for n, c in total.items()}
+    metrics = json.loads((root / "changed" / "metrics.json").read_text())
+    assert metrics["tokens_by_source"] == {n: 32 * c for n, c in total.items()}
+    state = load_checkpoint(root / "changed" / "ckpt.pth")
+    assert {n: e["tokens_trained"] for n, e in state["data"]["sources"].items()} == metrics["tokens_by_source"]
+    assert [s["start"] for s in state["data"]["segments"]] == [0, 100]
+    # No window twice within a pass: each source's windows, in the order trained, repeat only after
+    # all of that source's windows were visited.
+    opened = open_store(store, sources=["three", "other"])
+    for name in total:
+        split = opened.sources[name].train
+        n = Windows(split.tokens, split.doc_offsets, 32).n_windows
+        seen = [w for _, _, src, w in records if src == name]
+        for p in range(0, len(seen), n):
+            assert len(set(seen[p : p + n])) == len(seen[p : p + n]), name
+
+
+def test_mm_eval_scores_a_document_attention_model_as_validation_does(phased, store):
+    from conftest import mm
+
+    root = phased["root"]
+    out = root / "eval.json"
+    r = mm("eval", root / "straight" / "ckpt.pth", "--data", store, "--out", out, "--seq-len", 32, "--params",
+           root / "phases.yaml", "--set", "eval.batches=1", "--set", "eval.batch_size=5", "--device", "cpu", cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    by_source = json.loads(out.read_text())["by_source"]
+    metrics = json.loads((root / "straight" / "metrics.json").read_text())
+    for name, loss in metrics["val_loss_by_source"].items():  # training's validation at step 20 (fp32)
+        assert by_source[name]["val_loss"] == pytest.approx(loss, rel=1e-5), name
 
 
 # ---------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def global_step(sampler: MixtureSampler, step: int, world: int, micro: int, accu
 
 @pytest.mark.parametrize("window_start", ["stream", "document"])
 def test_order_is_independent_of_processes_and_micro_batches(sources, window_start):
-    sampler = MixtureSampler(sources, seq_len=16, seed=11, bos_id=BOS, window_start=window_start)
+    sampler = MixtureSampler(sources, seq_len=16, seed=11, window_start=window_start)
     for step in (0, 1, 7, 40):  # 40 · 16 samples: past the first block and over the small sources' passes
         want = global_step(sampler, step, 1, 16, 1)
         for world, micro, accum in ((1, 4, 4), (2, 8, 1), (2, 2, 4), (4, 4, 1)):
@@ -145,18 +145,18 @@ def test_order_is_independent_of_processes_and_micro_batches(sources, window_sta
 @pytest.mark.parametrize("window_start", ["stream", "document"])
 def test_a_fresh_sampler_continues_the_same_order(sources, window_start):
     """Resume: the data position is the step; the sampler keeps no state between steps."""
-    used = MixtureSampler(sources, seq_len=16, seed=11, bos_id=BOS, window_start=window_start)
+    used = MixtureSampler(sources, seq_len=16, seed=11, window_start=window_start)
     straight = [global_step(used, s, 1, 8, 2) for s in range(30)]
-    fresh = MixtureSampler(sources, seq_len=16, seed=11, bos_id=BOS, window_start=window_start)
+    fresh = MixtureSampler(sources, seq_len=16, seed=11, window_start=window_start)
     for s in (29, 15, 16):
         assert torch.equal(global_step(fresh, s, 2, 4, 2), straight[s])
-    other_seed = MixtureSampler(sources, seq_len=16, seed=12, bos_id=BOS, window_start=window_start)
+    other_seed = MixtureSampler(sources, seq_len=16, seed=12, window_start=window_start)
     assert not torch.equal(global_step(other_seed, 0, 1, 8, 2), straight[0])
 
 
 @pytest.mark.parametrize("window_start", ["stream", "document"])
 def test_every_window_once_per_pass(sources, window_start):
-    sampler = MixtureSampler(sources, seq_len=16, seed=5, bos_id=BOS, window_start=window_start)
+    sampler = MixtureSampler(sources, seq_len=16, seed=5, window_start=window_start)
     n = sampler.windows[2].n_windows  # the small source: many passes in 3 blocks
     src, win = sampler.window_ids(0, 3000)
     visits = win[src == 2]
@@ -183,7 +183,7 @@ def test_windows_start_where_the_mode_says(sources):
     assert (rows[:, 0] == BOS).all()
     assert np.array_equal(rows[3], tokens[offsets[3] : offsets[3] + 17])
 
-    sampler = MixtureSampler(sources, seq_len=16, seed=5, bos_id=BOS, window_start="document")
+    sampler = MixtureSampler(sources, seq_len=16, seed=5, window_start="document")
     batch = next(sampler.micro_batches(0, 0, 1, 8, 1))
     assert batch.inputs.shape == batch.doc_ids.shape == (8, 16) and batch.sources.shape == (8,)
     assert torch.equal(batch.doc_ids, torch.cumsum(batch.inputs == BOS, dim=1))
@@ -210,7 +210,7 @@ def test_sampler_memory_does_not_grow_with_the_store(window_start):
                SourceSplit("small", 0.3, SyntheticTokens(10**5), SyntheticOffsets(10**5))]
         tracemalloc.start()
         t0 = time.perf_counter()
-        sampler = MixtureSampler(src, seq_len=256, seed=1, bos_id=BOS, window_start=window_start)
+        sampler = MixtureSampler(src, seq_len=256, seed=1, window_start=window_start)
         batches = [b for step in (0, 10**7) for b in sampler.micro_batches(step, 0, 1, 8, 2)]
         elapsed = time.perf_counter() - t0
         peaks[n_tokens] = tracemalloc.get_traced_memory()[1]

@@ -57,8 +57,10 @@ def checkpoint_state(
     rng                  torch CPU RNG state (nothing in training draws from CUDA's)
     model_config         dataclasses.asdict(ModelConfig)
     train_config         dataclasses.asdict(TrainParams)
-    data                 tokenizer_sha256, store_fingerprint, vocab_size, seq_len, global_batch, and
-                         sources {name: {weight, train_tokens, tokens_trained}} (absent in older checkpoints)
+    data                 tokenizer_sha256, store_fingerprint, vocab_size, seq_len, global_batch,
+                         data_mixture (the schedule in words), sources {name: {weight, train_tokens,
+                         tokens_trained}} and segments [{start, weights}] (the data order's schedule,
+                         pipeline/data/mixture.py, which a resume continues; both absent in older checkpoints)
     tokenizer            {file name: text} of the tokenizer directory, so export needs nothing else
     metrics              train_loss, val_loss, val_bits_per_byte, their *_by_source, tokens_seen, skipped_steps
     trackers             (optional, see OPTIONAL_KEYS) the tracker runs to continue on resume
@@ -238,7 +240,7 @@ def check_compatible(checkpoint: dict, model_config, fingerprints: dict, allow_d
     data_fields = ["tokenizer_sha256", "vocab_size", "seq_len", "global_batch"]
     if not allow_data_change:
         data_fields += ["store_fingerprint", "data_mixture"]
-    differing += [f"{k} ({_short(checkpoint['data'].get(k))} → {_short(fingerprints[k])})"
+    differing += [f"{k} ({_short(checkpoint['data'].get(k), k)} → {_short(fingerprints[k], k)})"
                   for k in data_fields if checkpoint["data"].get(k) != fingerprints[k]]
     # The window permutations are keyed on train.seed: a new seed reorders the data from the resumed step
     # on, so windows of the current pass repeat or go unseen. Older checkpoints have it in train_config.
@@ -255,8 +257,9 @@ def check_compatible(checkpoint: dict, model_config, fingerprints: dict, allow_d
 WAYS_OUT = "keep the old values, start over with --resume none, or train into another train.out_dir"
 
 
-def _short(value) -> str:
-    return value[:12] if isinstance(value, str) else str(value)
+def _short(value, key: str = "") -> str:
+    """A hash cut to 12 characters; the mixture (weights in words, pipeline/data/mixture.py) whole."""
+    return value[:12] if isinstance(value, str) and key != "data_mixture" else str(value)
 
 
 def all_finite(state) -> bool:

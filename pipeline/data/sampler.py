@@ -3,26 +3,30 @@
 A sample is a window of seq_len + 1 tokens of one source's packed stream
 (inputs and next-token targets). Global sample g is found in three steps, each O(1) in the store's size:
 
-  1. source: the mixture (`Mixture`) maps g to a source k and to j, the
-     within-source sample index, in the Sainte-Laguë seat order: source k's
-     j-th sample is due at time (j + ½)/w_k, and the global samples are all
-     sources' samples by due time. After any N samples every source holds
-     N·w_k of them to within ½ + K·w_k/2 samples (K sources), in exact
-     rational arithmetic: the error never grows, and each step mixes the
-     sources in proportion.
+  1. source: the schedule (pipeline/data/mixture.py) maps g to a source k and to
+     j, the within-source sample index. Inside a segment of the schedule
+     (weights from a start sample on) it is the Sainte-Laguë seat order:
+     source k's c-th sample of the segment is due at time (c + ½)/w_k, and the
+     samples are all sources' by due time; j is c plus what earlier segments
+     drew from k. After any N samples of a segment every source holds N·w_k of
+     them to within ½ + K·w_k/2 samples (K sources), in exact rational
+     arithmetic: the error never grows, and each step mixes the sources in
+     proportion. One segment unless data.phases or a resume changes weights.
   2. window: pass j // n_k over source k visits its n_k windows in a seeded
      permutation (pipeline/data/shuffle.py: a Feistel bijection, never
      materialised), seeded by (seed, source name, pass). A small source
      repeats with a fresh order each pass, a large one is never exhausted.
   3. tokens: `train.window_start: stream` puts window w at token w·seq_len;
      `document` puts it at the first token (BOS) of document w, and the window
-     packs the documents that follow.
+     packs the documents that follow. Each token's document number comes
+     from the store's doc_offsets (`document_ids`), never from token values.
 
 Optimizer step s consumes global samples [s·G, (s+1)·G), G = micro_batch ·
 accumulation · world_size; rank r takes the r-th contiguous slice of those G
 and splits it into micro-batches. So the samples of a step, and the loss
 averaged over them, do not depend on the number of processes, and the data
-position is just the step number: resuming needs no loader state. Nothing
+position is a function of (seed, schedule, step): resuming needs no loader
+state beyond the schedule's segments, which the checkpoint records. Nothing
 here grows with the store: memory and time per lookup are O(1) in the
 number of tokens, documents and windows, and every index is int64.
 """
@@ -30,14 +34,17 @@ number of tokens, documents and windows, and every index is int64.
 from __future__ import annotations
 
 import bisect
-import math
+import os
 from dataclasses import dataclass
-from fractions import Fraction
 
 import numpy as np
 import torch
 
+from pipeline.data.mixture import Mixture, Schedule, Segment
 from pipeline.data.shuffle import SeededPermutation, seed_key
+
+__all__ = ["Batch", "Mixture", "MixtureSampler", "Schedule", "Segment", "SourceSplit", "WindowSampler", "Windows",
+           "eval_windows", "make_batch"]  # Mixture, Schedule, Segment: pipeline/data/mixture.py's, used with these
 
 WINDOW_STARTS = ("stream", "document")
 
@@ -79,6 +86,32 @@ class Windows:
             out[i] = self.tokens[int(start) : int(start) + n]
         return out
 
+    def doc_ids(self, window_ids: np.ndarray) -> np.ndarray:
+        """(len(window_ids), seq_len) int64: the document number of each input token (document_ids)."""
+        return document_ids(self.doc_offsets, self.starts(window_ids), self.seq_len)
+
+
+def document_ids(doc_offsets, starts: np.ndarray, width: int) -> np.ndarray:
+    """(len(starts), width) int64: for the token at starts[i] + t, how many documents start in
+    [starts[i], starts[i] + t]. Read from the store's doc_offsets, never from token values, so a
+    special-token string inside a document's text (`<|im_start|>` is BOS's text) does not split it,
+    and a tokenizer whose BOS is its EOS works alike. Equal to counting BOS tokens from the window
+    start when no text holds one. Without doc_offsets every row is one document (zeros).
+
+    A window holds at most `width` document starts: two binary searches over the mapped offsets
+    (O(log n_docs) reads) and one small slice per row, whatever the store's size."""
+    out = np.zeros((len(starts), width), dtype=np.int64)
+    if doc_offsets is None:
+        return out
+    n = len(doc_offsets)
+    for i, start in enumerate(np.asarray(starts, dtype=np.int64).tolist()):
+        lo = bisect.bisect_left(doc_offsets, start, 0, n)
+        hi = bisect.bisect_left(doc_offsets, start + width, lo, min(n, lo + width + 1))
+        if hi > lo:
+            inside = np.fromiter((doc_offsets[j] for j in range(lo, hi)), np.int64, hi - lo)  # the window's starts
+            out[i] = np.searchsorted(inside, np.arange(start, start + width, dtype=np.int64), side="right")
+    return out
+
 
 @dataclass
 class Batch:
@@ -90,84 +123,17 @@ class Batch:
     """(B, T) int64: inputs shifted by one."""
     doc_ids: torch.Tensor
     """(B, T) int64: a document number per input token, counted from the window start (the
-    BOS tokens seen so far); tokens attend within their document when train.attention is
-    document, and positions restart where doc_ids changes."""
+    documents of the store's doc_offsets that start at or before it: `document_ids`); tokens attend
+    within their document when train.attention is document, and positions restart where doc_ids
+    changes."""
     sources: torch.Tensor
     """(B,) int64: index of each row's source in the sampler's source list."""
 
 
-def make_batch(rows: np.ndarray, sources: np.ndarray, bos_id: int) -> Batch:
+def make_batch(rows: np.ndarray, sources: np.ndarray, doc_ids: np.ndarray) -> Batch:
     data = torch.from_numpy(rows)
-    inputs = data[:, :-1]
-    return Batch(inputs=inputs, targets=data[:, 1:], doc_ids=torch.cumsum(inputs == bos_id, dim=1),
+    return Batch(inputs=data[:, :-1], targets=data[:, 1:], doc_ids=torch.from_numpy(doc_ids),
                  sources=torch.from_numpy(np.asarray(sources, dtype=np.int64)))
-
-
-# ---------------------------------------------------------------------------
-# The mixture: global sample index → (source, within-source index)
-# ---------------------------------------------------------------------------
-
-
-class Mixture:
-    """Deterministic weighted interleaving of sources: the Sainte-Laguë seat order.
-
-    Source k's c-th sample (c = 0, 1, ...) is due at time (c + ½) / w_k; the samples
-    of all sources, ordered by due time (ties: source order), are the global
-    samples 0, 1, 2, ... So the c-th sample of k is window c of k's order, and
-    after any N samples source k has C_k = N·w_k + e samples with
-    |e| <= ½ + K·w_k/2 (K sources): the error never grows, so every share is
-    within 1 sample per 1,000 of its weight once N >= 500·(K + 1), and every step
-    gets its sources' shares to within a sample or two. Exact rational
-    arithmetic: no drift at 10^12 samples; weight 0 never draws a sample.
-    """
-
-    def __init__(self, weights: list[float]):
-        if not weights or any(not (w >= 0 and math.isfinite(w)) for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"weights must be finite, non-negative and not all 0: {weights}")
-        total = sum(Fraction(w) for w in weights)
-        self.weights = [Fraction(w) / total for w in weights]  # exact: the float 0.1 is itself a rational
-        self.drawn = [k for k, w in enumerate(self.weights) if w > 0]
-        # Due times compared as integers: (c + ½)/w_k ordered like (2c + 1)·Π_{j≠k} n_j, where
-        # w_j = n_j / D over a common denominator. Exact, and much faster than sorting Fractions.
-        denominator = math.lcm(*(w.denominator for w in self.weights))
-        numerators = {k: self.weights[k].numerator * (denominator // self.weights[k].denominator) for k in self.drawn}
-        self._scale = {k: math.prod(n for j, n in numerators.items() if j != k) for k in self.drawn}
-
-    def _due_before(self, k: int, time: Fraction) -> int:
-        """Samples of source k due strictly before `time`: #{c >= 0 : (c + ½)/w_k < time}."""
-        return max(0, math.ceil(time * self.weights[k] - Fraction(1, 2)))
-
-    def _segment(self, first: int, end: int) -> tuple[int, list[int], list[tuple[int, int]]]:
-        """Samples around [first, end): (global index of the first listed, per-source counts
-        before it, [(source, within-source index), ...] in global order, covering [first, end))."""
-        k_count = len(self.drawn)
-        # Counts before time t sum to between t - K/2 and t + K/2, so these times bracket the range.
-        lo, hi = Fraction(max(0, first - k_count)), Fraction(end + k_count)
-        before = [self._due_before(k, lo) if k in self.drawn else 0 for k in range(len(self.weights))]
-        due = [((2 * c + 1) * self._scale[k], k, c)
-               for k in self.drawn for c in range(before[k], self._due_before(k, hi))]
-        due.sort()
-        return sum(before), before, [(k, c) for _, k, c in due]
-
-    def locate(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(source index, within-source index) of each global sample, int64 arrays.
-
-        Cost is O(K + max - min) for the samples' range: call it per step."""
-        samples = np.asarray(samples, dtype=np.int64)
-        if samples.size == 0:
-            return np.empty(samples.shape, np.int64), np.empty(samples.shape, np.int64)
-        first = int(samples.min())
-        start, _, order = self._segment(first, int(samples.max()) + 1)
-        table = np.array(order, dtype=np.int64).reshape(-1, 2)
-        rows = table[samples - start]
-        return rows[..., 0], rows[..., 1]
-
-    def counts(self, n_samples: int) -> list[int]:
-        """Samples of each source among global samples 0 .. n_samples-1 (exact, O(K))."""
-        start, counts, order = self._segment(n_samples, n_samples)
-        for k, _ in order[: n_samples - start]:
-            counts[k] += 1
-        return counts
 
 
 # ---------------------------------------------------------------------------
@@ -186,22 +152,37 @@ class SourceSplit:
 
 
 class MixtureSampler:
-    """Training windows drawn from weighted sources; see the module docstring."""
+    """Training windows drawn from weighted sources; see the module docstring.
 
-    def __init__(self, sources: list[SourceSplit], seq_len: int, seed: int, bos_id: int,
-                 window_start: str = "stream"):
+    The weights come from a `Schedule` (pipeline/data/mixture.py): by default one segment of the
+    sources' own weights; `set_schedule` installs phases or a resume's history. `sources` are the
+    opened ones: a schedule may name a source that only earlier segments drew from (counted, never
+    read again)."""
+
+    def __init__(self, sources: list[SourceSplit], seq_len: int, seed: int, window_start: str = "stream"):
         self.names = [s.name for s in sources]
         self.windows = [Windows(s.tokens, s.doc_offsets, seq_len, window_start) for s in sources]
-        self.seq_len, self.bos_id = seq_len, bos_id
-        empty = [s.name for s, w in zip(sources, self.windows, strict=True) if s.weight > 0 and w.n_windows < 1]
-        if empty:
-            raise ValueError(f"no window of seq_len + 1 = {seq_len + 1} tokens in source(s) {', '.join(empty)}")
-        self.mixture = Mixture([s.weight for s in sources])
+        self.seq_len = seq_len
         self.permutations = [SeededPermutation(seed_key(seed, "windows", s.name)) for s in sources]
+        self.set_schedule(Schedule([Segment(0, tuple((s.name, s.weight) for s in sources))]))
+
+    def set_schedule(self, schedule: Schedule) -> None:
+        """Draw by this schedule from now on (ValueError: a drawn source is not open or has no window)."""
+        drawn = {n for seg in schedule.segments for n, w in seg.weights if w > 0}
+        empty = [n for n, w in zip(self.names, self.windows, strict=True) if n in drawn and w.n_windows < 1]
+        if empty:
+            raise ValueError(f"no window of seq_len + 1 = {self.seq_len + 1} tokens in source(s) {', '.join(empty)}")
+        self.schedule = schedule
+        # schedule.names index → self.names index (-1: not open, only counted)
+        self._open = np.array([self.names.index(n) if n in self.names else -1 for n in schedule.names], np.int64)
 
     def window_ids(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """(source, window id) of global samples first .. first + count - 1."""
-        sources, within = self.mixture.locate(np.arange(first, first + count, dtype=np.int64))
+        """(source index in self.names, window id) of global samples first .. first + count - 1."""
+        named, within = self.schedule.locate(np.arange(first, first + count, dtype=np.int64))
+        sources = self._open[named] if len(named) else named
+        if (sources < 0).any():
+            missing = sorted({self.schedule.names[i] for i in named[sources < 0].tolist()})
+            raise ValueError(f"the schedule draws from source(s) {', '.join(missing)}, which are not open")
         windows = np.empty_like(within)
         for k in np.unique(sources):
             mask = sources == k
@@ -212,23 +193,40 @@ class MixtureSampler:
 
     def batch(self, sources: np.ndarray, window_ids: np.ndarray) -> Batch:
         rows = np.empty((len(window_ids), self.seq_len + 1), dtype=np.int64)
+        doc_ids = np.empty((len(window_ids), self.seq_len), dtype=np.int64)
         for k in np.unique(sources):
             mask = sources == k
             rows[mask] = self.windows[k].rows(window_ids[mask])
-        return make_batch(rows, sources, self.bos_id)
+            doc_ids[mask] = self.windows[k].doc_ids(window_ids[mask])
+        return make_batch(rows, sources, doc_ids)
 
     def micro_batches(self, step: int, rank: int, world_size: int, micro_batch: int, accumulation: int):
         """The accumulation micro-batches (Batch) that `rank` trains on at optimizer `step`."""
         per_rank = micro_batch * accumulation
         first = step * per_rank * world_size + rank * per_rank
         sources, ids = self.window_ids(first, per_rank)
+        record_windows(step, first, [self.names[k] for k in sources.tolist()], ids)
         for m in range(accumulation):
             part = slice(m * micro_batch, (m + 1) * micro_batch)
             yield self.batch(sources[part], ids[part])
 
     def samples_per_source(self, n_samples: int) -> dict[str, int]:
-        """How many of global samples 0 .. n_samples-1 each source supplies (exact, O(1))."""
-        return dict(zip(self.names, self.mixture.counts(n_samples), strict=True))
+        """How many of global samples 0 .. n_samples-1 each source supplied (exact, O(segments · K)):
+        the open sources first, then any that only earlier segments drew from."""
+        counts = self.schedule.counts(n_samples)
+        return {n: counts.get(n, 0) for n in self.names} | counts
+
+
+def record_windows(step: int, first: int, names: list[str], window_ids: np.ndarray) -> None:
+    """For the tests: with MM_RECORD_WINDOWS=PATH, append one line per sample handed to training
+    (step, global sample, source, window id), so what a run trained on can be counted apart from
+    the arithmetic that reports it (Schedule.counts). One write per call: ranks may share the file."""
+    path = os.environ.get("MM_RECORD_WINDOWS")
+    if path:
+        lines = "".join(f"{step}\t{first + i}\t{n}\t{w}\n" for i, (n, w) in enumerate(zip(names, window_ids.tolist(),
+                                                                                           strict=True)))
+        with open(path, "a") as f:
+            f.write(lines)
 
 
 def eval_windows(n_windows: int, count: int) -> np.ndarray:
@@ -245,8 +243,8 @@ class WindowSampler:
     used before sources existed (window ids, (inputs, targets) tuples). Same order as a
     one-source MixtureSampler."""
 
-    def __init__(self, tokens, seq_len: int, seed: int, bos_id: int = 1):
-        self.tokens, self.seq_len, self.seed, self.bos_id = tokens, seq_len, seed, bos_id
+    def __init__(self, tokens, seq_len: int, seed: int):
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         self.windows = Windows(tokens, None, seq_len)
         self.n_windows = self.windows.n_windows
         self._sampler = None  # built on first use: a split too short to train on is the caller's error to report
@@ -258,7 +256,6 @@ class WindowSampler:
 
     def micro_batches(self, step: int, rank: int, world_size: int, micro_batch: int, accumulation: int):
         if self._sampler is None:
-            self._sampler = MixtureSampler([SourceSplit("data", 1.0, self.tokens, None)], self.seq_len, self.seed,
-                                           self.bos_id)
+            self._sampler = MixtureSampler([SourceSplit("data", 1.0, self.tokens, None)], self.seq_len, self.seed)
         for batch in self._sampler.micro_batches(step, rank, world_size, micro_batch, accumulation):
             yield batch.inputs, batch.targets

@@ -48,6 +48,12 @@ def evaluate_model(model_path, store_path, seq_len: int, batches: int, batch_siz
     store = open_store(store_path, sources=list(chosen), note=None if why else note)
     loaded = load_model(model_path, device=device)
     _check_match(loaded, model_path, store, store_path, seq_len)
+    # A checkpoint trained with document attention or positions is scored that way, as training's
+    # validation scores it; an export is the plain causal model transformers runs.
+    train = loaded.meta.get("train") or {}
+    loaded.model.document_attention = train.get("attention") == "document"
+    loaded.model.document_positions = train.get("positions") == "document" or (
+        train.get("positions", "auto") == "auto" and loaded.model.document_attention)
     byte_lengths = token_byte_lengths(loaded.tokenizer, loaded.model.config.vocab_size)
     scores = {}
     for name, source in store.sources.items():
@@ -56,7 +62,7 @@ def evaluate_model(model_path, store_path, seq_len: int, batches: int, batch_siz
             raise UserError(f"{where} val/tokens: {len(val.tokens)} tokens, fewer than one window of "
                             f"seq_len + 1 = {seq_len + 1} (lower --seq-len)")
         scores[name] = score_tokens(loaded.model, val.tokens, seq_len, batches * batch_size, batch_size, device,
-                                    byte_lengths=byte_lengths, doc_offsets=val.doc_offsets if per_document else None,
+                                    byte_lengths=byte_lengths, doc_offsets=val.doc_offsets, per_document=per_document,
                                     source=where)
         if not scores[name].tokens:
             raise UserError(f"{where} val: no document has two tokens to score")

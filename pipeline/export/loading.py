@@ -52,7 +52,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         state = load_checkpoint(path)
         model = model_from_checkpoint(state)
         tokenizer, info = tokenizer_from_files(state.get("tokenizer") or {}, f"{path} tokenizer")
-        meta = {"data": state.get("data") or {}, "metrics": state.get("metrics") or {}}
+        meta = {"data": state.get("data") or {}, "metrics": state.get("metrics") or {},
+                "train": state.get("train_config") or {}}
         source = "checkpoint"
     return LoadedModel(model.to(device).eval(), tokenizer, info["bos_id"], info["eos_id"], source, meta)
 

@@ -78,7 +78,7 @@ def train(
         cleanup.callback(stop.restore)
         weights = source_weights(params)
         run = setup(tp, weights, store_path, tokenizer_dir, model_path, resume, allow_data_change, requested, world,
-                    stop)
+                    stop, params.data.phases)
         if run.start_step >= run.total_steps:
             run.note(f"nothing to do: {run.out_dir} already holds step {run.start_step} of {run.total_steps} "
                      "(--resume none starts over)")
@@ -152,7 +152,7 @@ def train_step(run: Run, step: int) -> StepStats:
         x, y, doc_ids = batch.inputs.to(run.device), batch.targets.to(run.device), batch.doc_ids.to(run.device)
         distributed.set_gradient_sync(run.model, m == tp.accumulation_steps - 1)
         # The loss comes from the model: cross-entropy fused with the output head, so the (B, T, vocab)
-        # logits never exist. doc_ids (BOS tokens so far) serve train.attention/positions = document.
+        # logits never exist. doc_ids (the store's documents, by offset) serve train.attention/positions = document.
         with run.autocast:
             token_loss, aux_loss = run.forward(x, targets=y, doc_ids=doc_ids)
         micro_loss = token_loss / (tp.seq_len * tp.rank_batch)
@@ -240,7 +240,7 @@ def save(run: Run, step: int) -> None:
                        "spike_guard": run.spike.state()}
             # The sources and the tokens drawn from each so far, for the model card; a resume compares
             # only the fingerprint fields of "data" (checkpoint.check_compatible).
-            data = {**run.fingerprints, "sources": run.data.sources_record(step, run.global_batch)}
+            data = {**run.fingerprints, **run.data.checkpoint_record(step, run.global_batch)}
             run.trackers.flush()  # what the checkpoint covers is handed to the trackers first
             state = checkpoint_state(step, model_state, optimizer_state, run.scaler, run.model_config, run.tp,
                                      data, run.tokenizer_files, metrics, run.trackers.state())

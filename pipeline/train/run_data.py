@@ -1,13 +1,17 @@
 """The data side of a training run: the sources it draws from, what it reports about them.
 
-    data = open_train_data(store_path, {"web": 0.6, "code": 0.3, "zh": 0.1}, tp, note)
+    data = open_train_data(store_path, {"web": 0.6, "code": 0.3, "zh": 0.1}, tp, note, phases=[])
+    data.plan(total_steps, global_batch)      # data.phases → the schedule's segments (else one segment)
+    data.resume(checkpoint["data"], at)       # a resume: the checkpoint's segments before sample `at`, then the plan
     data.sampler.micro_batches(step, rank, world, micro, accum)   # Batch objects (pipeline/data/sampler.py)
     data.summary(total_steps, global_batch)   # per source: tokens, documents, weight, passes
     data.tokens_seen(step, global_batch)      # per source, exact: the order is a function of the step
-    data.sources_record(step, global_batch)   # the checkpoint's data["sources"]: weight, tokens drawn
+    data.checkpoint_record(step, global_batch)   # the checkpoint's data["sources"] and data["segments"]
     evaluate_sources(model, data, tp, device, autocast)   # val loss and bits per byte, per source and overall
 
-Sources with weight 0 are left out: not opened, not required in the store.
+Sources with weight 0 are left out: not opened, not required in the store. With
+data.phases, the sources with a positive weight in any phase are opened and the
+phases' weights replace data.sources' (pipeline/data/mixture.py `phase_segments`).
 Which sources are read is `pipeline.data.sources.pick_sources`: data.sources,
 or, while that is the shipped default, the store's sources params do not name
 (the summary's first line says which rule chose them).
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.mixture import Schedule, Segment, phase_segments, resumed
 from pipeline.data.sampler import MixtureSampler, SourceSplit, Windows
 from pipeline.data.sources import Weights, pick_sources
 from pipeline.data.sources import source_weights as weights_of_sources
@@ -44,16 +49,40 @@ class TrainData:
     """Validation windows of each source that has at least one."""
     byte_lengths: np.ndarray | None = None
     """UTF-8 bytes of each token id (scoring.token_byte_lengths): validation reports bits per byte with them."""
+    phases: list = field(default_factory=list)
+    """data.phases as loaded ([] = data.sources' weights all run long)."""
     chosen_by: str = "data.sources"
     """The rule that chose the sources (pipeline/data/sources.py pick_sources), for the summary."""
 
     @property
     def mixture_key(self) -> str:
-        """What decides the data order besides the store and the step: normalised weights and
-        window_start (a resume refuses a change without --allow-data-change)."""
-        total = sum(self.weights)
-        mix = " ".join(f"{n}={w / total:.6g}" for n, w in zip(self.names, self.weights, strict=True))
-        return f"{mix} window_start={self.sampler.windows[0].window_start}"
+        """What decides the data order besides the store and the step: the schedule's segments
+        (normalised weights from each start sample) and window_start. A resume whose key differs
+        is refused without --allow-data-change."""
+        return f"{self.sampler.schedule.key()} window_start={self.sampler.windows[0].window_start}"
+
+    def plan(self, total_steps: int, global_batch: int) -> None:
+        """The run's planned schedule: data.phases placed over total_steps, or (no phases) the one
+        segment of data.sources' weights the sampler starts with."""
+        if self.phases:
+            self.sampler.set_schedule(Schedule(phase_segments(self.phases, self.names, total_steps, global_batch)))
+            self._weigh_by_last_segment()
+
+    def resume(self, checkpoint_data: dict, at: int) -> str:
+        """Continue a checkpoint's schedule at global sample `at` (mixture.resumed): its segments
+        before `at` are what was trained; the plan applies from `at` on, each source carrying on
+        from its consumed position. Returns the new mixture_key."""
+        history = [Segment.from_record(r) for r in checkpoint_data.get("segments") or []]
+        if not history and isinstance(checkpoint_data.get("sources"), dict):  # saved before segments were
+            history = [Segment(0, tuple((n, float(e["weight"])) for n, e in checkpoint_data["sources"].items()))]
+        self.sampler.set_schedule(Schedule(resumed(history, self.sampler.schedule.segments, at)))
+        self._weigh_by_last_segment()
+        return self.mixture_key
+
+    def _weigh_by_last_segment(self) -> None:
+        """self.weights: the mixture the run ends on, which validation's overall figures average by."""
+        last = dict(self.sampler.schedule.segments[-1].weights)
+        self.weights = [float(last.get(n, 0.0)) for n in self.names]
 
     @property
     def n_windows(self) -> int:
@@ -67,13 +96,23 @@ class TrainData:
         """Tokens (inputs) of each source in steps 0 .. step-1."""
         return {k: n * self.sampler.seq_len for k, n in self.samples_seen(step, global_batch).items()}
 
-    def sources_record(self, step: int, global_batch: int) -> dict[str, dict]:
-        """What a checkpoint records of each source (its data["sources"], read by the model card):
-        the weight as given, the tokens of its train split, and the tokens drawn from it in steps 0 .. step-1."""
-        seen = self.tokens_seen(step, global_batch)
-        return {name: {"weight": weight, "train_tokens": self.store.sources[name].train.n_tokens,
-                       "tokens_trained": seen[name]}
-                for name, weight in zip(self.names, self.weights, strict=True)}
+    def weights_at(self, step: int, global_batch: int) -> dict[str, float]:
+        """The weights (as given) of the schedule's segment that holds `step`'s first sample."""
+        schedule = self.sampler.schedule
+        segment = [s for s in schedule.segments if s.start <= step * global_batch][-1]
+        return dict.fromkeys(self.sampler.samples_per_source(0), 0.0) | dict(segment.weights)
+
+    def checkpoint_record(self, step: int, global_batch: int) -> dict:
+        """What a checkpoint records of the data order besides the fingerprints: "segments" (the
+        schedule, which a resume continues) and "sources" (read by the model card): per source the
+        weight in effect at `step`, the tokens of its train split (None for a source only earlier
+        segments drew from, not opened now) and the tokens drawn from it in steps 0 .. step-1."""
+        seen, weights = self.tokens_seen(step, global_batch), self.weights_at(step, global_batch)
+        sources = {name: {"weight": weights.get(name, 0.0),
+                          "train_tokens": self.store.sources[name].train.n_tokens if name in self.names else None,
+                          "tokens_trained": count}
+                   for name, count in seen.items()}
+        return {"sources": sources, "segments": self.sampler.schedule.records()}
 
     def summary(self, total_steps: int, global_batch: int) -> str:
         """A table, one row per source: tokens and documents of its train split, normalised
@@ -88,9 +127,11 @@ class TrainData:
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
                  for r in rows]
+        schedule = self.sampler.schedule
+        changes = f"\n  mixture by segment: {schedule.key()}" if len(schedule.segments) > 1 else ""
         return (f"data: {len(self.names)} source{'s' if len(self.names) > 1 else ''} from {self.store.path} "
                 f"(chosen by {self.chosen_by}), "
-                f"window_start {self.sampler.windows[0].window_start}\n  " + "\n  ".join(lines))
+                f"window_start {self.sampler.windows[0].window_start}\n  " + "\n  ".join(lines) + changes)
 
 
 def source_weights(params: Params) -> Weights:
@@ -99,11 +140,15 @@ def source_weights(params: Params) -> Weights:
     return weights_of_sources(params.data.sources, params.data.text_field)
 
 
-def open_train_data(store_path: str | Path, weights: dict[str, float], tp: TrainParams, note) -> TrainData:
-    """Open the sources with a positive weight and build the sampler; UserErrors name what is wrong.
-    While data.sources is the shipped default, the store's own sources (pick_sources)."""
-    # why: set when pick_sources reads the store's own sources instead of data.sources
-    drawn, why = pick_sources(weights, list(open_store(store_path).sources) if weights_shipped(weights) else [])
+def open_train_data(store_path: str | Path, weights: dict[str, float], tp: TrainParams, note,
+                    phases: list | tuple = ()) -> TrainData:
+    """Open the sources with a positive weight (in data.sources, or with phases in any phase) and
+    build the sampler; UserErrors name what is wrong. `plan` then places the phases."""
+    why = ""  # set when pick_sources reads the store's own sources instead of data.sources
+    if phases:
+        drawn = {name: 1.0 for name in weights if any(p["weights"].get(name, 0) > 0 for p in phases)}
+    else:  # data.sources, or while that is the shipped default the store's own sources
+        drawn, why = pick_sources(weights, list(open_store(store_path).sources) if weights_shipped(weights) else [])
     if not drawn:
         raise UserError("data.sources: every weight is 0; at least one source must have a positive weight")
     if why:
@@ -119,7 +164,7 @@ def open_train_data(store_path: str | Path, weights: dict[str, float], tp: Train
                             + (" starting at a document" if tp.window_start == "document" else ""))
     sampler = MixtureSampler(
         [SourceSplit(n, drawn[n], store.sources[n].train.tokens, store.sources[n].train.doc_offsets) for n in names],
-        tp.seq_len, tp.seed, store.bos_id, tp.window_start)
+        tp.seq_len, tp.seed, tp.window_start)
     val = {}
     for name in names:  # the scorer's windows: every seq_len tokens of the val split
         split = store.sources[name].val
@@ -127,8 +172,8 @@ def open_train_data(store_path: str | Path, weights: dict[str, float], tp: Train
         if windows.n_windows:
             val[name] = windows
     return TrainData(store=store, names=names, weights=[drawn[n] for n in names], sampler=sampler, val=val,
-                     chosen_by="the shipped-default rule: the store's sources outside data.sources" if why
-                     else "data.sources")
+                     phases=list(phases), chosen_by="the shipped-default rule: the store's sources outside "
+                     "data.sources" if why else "data.sources")
 
 
 def weights_shipped(weights: dict) -> bool:
@@ -169,7 +214,7 @@ def evaluate_sources(model, data: TrainData, tp: TrainParams, device, autocast) 
         scores[name] = score_tokens(model, split.tokens, tp.seq_len, tp.eval_batches * tp.micro_batch_size,
                                     tp.micro_batch_size, device, byte_lengths=data.byte_lengths, autocast=autocast,
                                     source=f"{data.store.path} ({name})",
-                                    bos_id=data.store.bos_id)  # doc_ids: a model trained by document scores that way
+                                    doc_offsets=split.doc_offsets)  # documents: as training saw them
     model.train()
     result = Validation(by_source=scores)
     weights = {n: w for n, w in zip(data.names, data.weights, strict=True) if n in scores}

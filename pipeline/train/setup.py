@@ -109,10 +109,10 @@ class Run:
 
 
 def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir, model_path, resume: str,
-          allow_data_change: bool, requested: str, world: distributed.World, stop: StopRequest) -> Run:
+          allow_data_change: bool, requested: str, world: distributed.World, stop: StopRequest, phases=()) -> Run:
     """Device, data, model, optimizer, and the state of the checkpoint resumed from (if any).
 
-    weights: {source name: weight} (data.sources), the sources to draw samples from."""
+    weights: {source name: weight} (data.sources), the sources to draw from; phases: data.phases (mixture.py)."""
     run = Run(tp=tp, world=world, stop=stop, out_dir=Path(tp.out_dir), spike=SpikeGuard(tp))
 
     # ------------------------------------------------------------------ device
@@ -121,7 +121,7 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
     torch.manual_seed(tp.seed)
 
     # ------------------------------------------------------------------ data
-    run.data = open_train_data(store_path, weights, tp, run.note)
+    run.data = open_train_data(store_path, weights, tp, run.note, phases)
     store = run.data.store
     run.store_path = store.path  # a Path, or a RemotePath that prints as its URL
     run.tokenizer_files, tokenizer_sha, tokenizer = read_tokenizer_dir(tokenizer_dir)
@@ -140,6 +140,7 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
     run.fingerprints = {
         "tokenizer_sha256": tokenizer_sha, "store_fingerprint": store.fingerprint,
         "data_mixture": run.data.mixture_key,
+    run.data.plan(run.total_steps, run.global_batch)  # data.phases are placed over the run's length
         "vocab_size": store.vocab_size, "seq_len": tp.seq_len, "global_batch": run.global_batch,
         "seed": tp.seed,  # keys the window order (pipeline/data/sampler.py)
     }
@@ -165,6 +166,7 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
         check_compatible(checkpoint, config, run.fingerprints, allow_data_change)
         saved_optimizer = checkpoint["train_config"].get("optimizer", "adamw")
         if saved_optimizer != tp.optimizer:  # their states have different shapes: refuse before loading
+        run.fingerprints["data_mixture"] = run.data.resume(checkpoint["data"], checkpoint["step"] * run.global_batch)
             raise UserError(f"{checkpoint['path']}: cannot resume, the run differs in train.optimizer "
                             f"({saved_optimizer} → {tp.optimizer}); {WAYS_OUT}")
         resume_schedule(run, checkpoint)  # the learning rate of steps taken stays theirs, except in a branch
