@@ -808,6 +808,11 @@ def test_resume_none_moves_the_earlier_run_aside(setup, reference, tmp_path):
     ok(mm_train(setup, out, "--resume", "none", sets=sets))
     assert len(list((out / "superseded").iterdir())) == 2 and step_files(moved) == [8, 10, 12]
 
+    # What `dvc repro` leaves (it removed ckpt.pth, its output, which its cache keeps) is not copied again.
+    (out / "ckpt.pth").unlink()
+    r = ok(mm_train(setup, out, "--resume", "none", sets=sets))
+    assert "--resume none: moved" not in r.stderr and len(list((out / "superseded").iterdir())) == 2
+
 
 # ---------------------------------------------------------------------------
 # 14. The loss-spike guard: rollback, abort, the rollback limit, and no false alarms

@@ -99,10 +99,12 @@ def supersede_run(out_dir: Path) -> tuple[Path, str] | None:
     """Move an earlier run out of the way of a fresh one: everything in out_dir but the lock and
     superseded/ goes to out_dir/superseded/<time>/, never deleted (the new run would prune its
     checkpoints and cut its logs). Returns (where, what it held), or None when out_dir holds no
-    checkpoint: logs without one are what a run killed before its first save leaves."""
-    steps = step_checkpoints(out_dir) if out_dir.is_dir() else []
-    if not steps and not (out_dir / LATEST).exists():
+    ckpt.pth: every run that saved once has one, unless DVC removed it (its output, kept in its
+    cache) before rerunning the stage; the step files left then are not a run to keep a second copy
+    of at every `dvc repro`, and logs alone are what a run killed before its first save leaves."""
+    if not (out_dir / LATEST).exists():
         return None
+    steps = step_checkpoints(out_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target, n = out_dir / SUPERSEDED / stamp, 1
     while target.exists():  # two fresh starts within a second
