@@ -177,8 +177,41 @@ def test_reexport_replaces_and_bf16(ckpts, tmp_path):
     assert torch.equal(loaded.model.layers[0].self_attn.q_proj.weight, ref.to(torch.bfloat16).float())
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="not a model export"):
+    with pytest.raises(UserError, match="not an earlier `mm export`"):
         export_hf(state, tmp_path / "other", "fp32")
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_export_out_replaces_only_what_mm_export_wrote(ckpts, exports, tmp_path):
+    """`mm export --out DIR`: a DIR holding a config.json and other files (another model's directory),
+    or an earlier export with a file added, is refused: exit 1, one line, every file intact. An earlier
+    export as mm wrote it is replaced."""
+    import shutil
+
+    theirs = tmp_path / "theirs"
+    (theirs / "sub").mkdir(parents=True)
+    (theirs / "config.json").write_text('{"model_type": "llama"}\n')
+    (theirs / "pytorch_model.bin").write_bytes(b"\0" * 100)
+    (theirs / "sub" / "notes.md").write_text("keep me\n")
+    before = _files(theirs)
+    assert_user_error(mm("export", ckpts["plain"], "--out", theirs), str(theirs), "not an earlier `mm export`")
+    assert _files(theirs) == before
+
+    added = tmp_path / "added"
+    shutil.copytree(exports["plain"], added)
+    (added / "my_eval.json").write_text("{}\n")
+    before = _files(added)
+    assert_user_error(mm("export", ckpts["plain"], "--out", added), "my_eval.json", "not in its SHA256SUMS")
+    assert _files(added) == before
+
+    (added / "my_eval.json").unlink()
+    (added / "README.md").write_text("stale\n")  # listed in SHA256SUMS: mm export's own file, replaced
+    r = mm("export", ckpts["plain"], "--out", added)
+    assert r.returncode == 0, r.stderr
+    assert _files(added) == _files(exports["plain"])
 
 
 def test_strict_mapping(ckpts, exports, tmp_path):

@@ -7,7 +7,8 @@ What is shown:
   one run        killed with SIGKILL while saving step 40 (so it resumes from step 20, and
                  steps 21..40 were streamed before the crash), then resumed to 60: each tracker
                  holds one run whose loss has exactly one value per step 1..60, equal to the
-                 uninterrupted run's
+                 uninterrupted run's, and train/mfu and train/peak_memory_mb one per step, as
+                 perf_log.tsv records them
   a failing      a tracker raising in its log call from step 30: one warning, the run finishes,
   tracker        the losses are those of the run above
   optional       with no trackers, importing the trainer imports none of the libraries; an
@@ -130,8 +131,12 @@ def test_kill_and_resume_gives_one_run_with_one_value_per_step(runs):
     assert "resuming from" in err and "step_00000020.pth" in err  # the save of step 40 never completed
     straight = _tsv(runs["cwd"] / "straight", "train_log.tsv", "loss")
     out = runs["cwd"] / "killed"
+    mfu, memory = _tsv(out, "perf_log.tsv", "mfu"), _tsv(out, "perf_log.tsv", "peak_memory_mb")
+    assert [s for s, _ in mfu] == list(range(1, 61))
     for name, history in _histories(out).items():
         assert history["train/loss"] == straight, name  # steps 1..60 once each, the uninterrupted values
+        # Measured per run, so not the straight run's; steps 1..20 re-logged from perf_log.tsv, no gap.
+        assert history["train/mfu"] == mfu and history["train/peak_memory_mb"] == memory, name
     # What was streamed before the crash is kept, out of the trackers' directories.
     assert sorted(p.name for p in (out / "superseded").iterdir()) == ["swanlab", "tensorboard", "wandb"]
 

@@ -16,6 +16,7 @@ count), and every run is reused by several tests.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -307,3 +308,68 @@ def test_train_help(error_runs):
     assert run.returncode == 0, run.stderr
     for option in ("--resume", "--data", "--model", "--set", "--params", "--gpus", "--procs"):
         assert option in run.stdout
+
+
+# ---------------------------------------------------------------------------
+# The metric logs across a resume that adds or removes a source
+# ---------------------------------------------------------------------------
+
+
+def test_metric_log_migrates_columns_and_drops_only_partial_rows(tmp_path):
+    """Reopened with other columns, every whole row up to the resumed step stays, matched by column
+    name: a new column is empty in the earlier rows, a column no longer written stays at the end."""
+    from pipeline.train.progress import MetricLog
+
+    path = tmp_path / "log.tsv"
+    log = MetricLog(path, ["step", "loss", "tokens/a"], 0)
+    for step in (1, 2, 3):
+        log.write(step=step, loss=1.0 / step, **{"tokens/a": 64 * step})
+    log.close()
+    with open(path, "a") as f:
+        f.write("4\t0.2")  # what a kill -9 mid-write leaves
+    log = MetricLog(path, ["step", "loss", "tokens/b"], 2)  # resumed at step 2 without source a
+    log.write(step=3, loss=0.3, **{"tokens/b": 32})
+    log.close()
+    assert path.read_text().splitlines() == [
+        "step\tloss\ttokens/b\ttokens/a", "1\t1.0\t\t64", "2\t0.5\t\t128", "3\t0.3\t32\t"]
+    assert read_log(path) == [{"step": 1.0, "loss": 1.0, "tokens/a": 64.0},
+                              {"step": 2.0, "loss": 0.5, "tokens/a": 128.0},
+                              {"step": 3.0, "loss": 0.3, "tokens/b": 32.0}]
+
+
+@pytest.fixture(scope="module")
+def two_sources(tiny_store, work) -> Path:
+    from pipeline.data.tokenize import tokenize_files
+
+    lines = tiny_store.corpus.read_text().splitlines()
+    store = work / "two_sources.zarr"
+    for name, part in (("a", lines[:300]), ("b", lines[300:600])):
+        (work / f"{name}.jsonl").write_text("\n".join(part) + "\n")
+        tokenize_files([work / f"{name}.jsonl"], tiny_store.tokenizer, store, source=name, val_fraction=0.1,
+                       progress=False)
+    return store
+
+
+def test_resume_adding_then_removing_a_source_keeps_every_row(tiny_store, work, model_json, two_sources):
+    """Source a for 3 steps, then a and b to step 5, then b alone to step 6 (--allow-data-change):
+    train_log.tsv and val_log.tsv hold every step, each source's column empty where it was not trained."""
+    model, _ = model_json
+    out = work / "sources_change"
+    data = dataclasses.replace(tiny_store, store=two_sources)
+    plan = [({"a": 1.0}, 3), ({"a": 0.5, "b": 0.5}, 5), ({"b": 1.0}, 6)]
+    for i, (weights, steps) in enumerate(plan):
+        params = work / f"sources_{i}.yaml"
+        params.write_text(json.dumps({"data": {"sources": {n: {"path": f"{n}.jsonl", "weight": w}
+                                                           for n, w in weights.items()}}}))
+        args = train_args(data, model, out, f"max_steps={steps}", "micro_batch_size=2", "eval_interval=1",
+                          "eval_batches=1") + ["--params", str(params), "--allow-data-change"]
+        Run(args, work, f"sources_change_{i}").wait().check()
+    train = read_log(out / "train_log.tsv")
+    assert [int(r["step"]) for r in train] == [1, 2, 3, 4, 5, 6]
+    assert [("tokens/a" in r, "tokens/b" in r) for r in train] == [(True, False)] * 3 + [(True, True)] * 2 + \
+        [(False, True)]
+    assert all(math.isfinite(r["loss"]) for r in train)
+    val = read_log(out / "val_log.tsv")
+    assert [int(r["step"]) for r in val] == [1, 2, 3, 4, 5, 6]
+    assert [("val_loss/a" in r, "val_loss/b" in r) for r in val] == [(True, False)] * 3 + [(True, True)] * 2 + \
+        [(False, True)]

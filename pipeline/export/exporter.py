@@ -17,7 +17,7 @@ from pipeline import atomic
 from pipeline.checkpoint.format import model_config
 from pipeline.errors import UserError
 from pipeline.export.hf_format import check_keys, hf_config, param_shape, tokenizer_files, weight_map
-from pipeline.export.manifest import write_manifest
+from pipeline.export.manifest import MANIFEST, read_manifest, write_manifest
 from pipeline.export.model_card import model_card
 from pipeline.hardware import DTYPES
 
@@ -78,13 +78,35 @@ def export_hf(state: dict, out_dir: str | Path, dtype: str = "fp32", source: str
 def _write_dir_atomically(out_dir: Path, write) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").exists():
-        raise UserError(f"{out_dir}: exists, is not empty and is not a model export; refusing to replace it")
+    _check_replaceable(out_dir)
     try:
         with atomic.staged_dir(out_dir) as tmp:  # every file fsynced, then one rename
             write(tmp)
     except OSError as e:
         raise UserError(f"{out_dir}: writing the export failed ({e.strerror or e})") from None
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """A non-empty `out_dir` is replaced (all of it) only when it is exactly what `mm export` wrote: its
+    SHA256SUMS lists every other file, and nothing else is there. A config.json alone proves nothing (a
+    model directory of someone else's, a checkout), so anything else is refused and left as it is."""
+    if not out_dir.is_dir():
+        return
+    present = sorted(p.name for p in out_dir.iterdir())
+    if not present:
+        return
+    refuse = f"{out_dir}: exists and is not an earlier `mm export`"
+    if MANIFEST not in present:
+        raise UserError(f"{refuse} (no {MANIFEST}); refusing to replace it: remove it or pick another --out")
+    try:
+        listed = set(read_manifest(out_dir / MANIFEST))
+    except (ValueError, OSError, UnicodeDecodeError):
+        raise UserError(f"{refuse} ({MANIFEST} unreadable); refusing to replace it: remove it or pick "
+                        "another --out") from None
+    extra = [name for name in present if name != MANIFEST and (name not in listed or not (out_dir / name).is_file())]
+    if extra:
+        raise UserError(f"{refuse}: it also holds {', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''} "
+                        f"(not in its {MANIFEST}); refusing to replace it: move those out or pick another --out")
 
 
 

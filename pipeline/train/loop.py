@@ -221,9 +221,11 @@ def log_step(run: Run, stats: StepStats) -> None:
            "skipped": run.skipped, "grad_syncs": stats.grad_syncs if counted else float("nan"),
            **{f"tokens/{n}": t for n, t in run.data.tokens_seen(stats.step, run.global_batch).items()}}
     run.train_log.write(**row)
+    perf = {"step": stats.step, "mfu": run.mfu, "peak_memory_mb": round(peak_memory_mb(run.device), 1)}
+    run.perf_log.write(**perf)  # apart from train_log.tsv, whose rows runs compare exactly
     run.display.step(stats.step, stats.loss, stats.lr, stats.grad_norm, run.tokens_per_s, run.mfu)
-    if run.trackers:  # the same row, and what only the trackers get
-        run.trackers.log_row(stats.step, "train", row, mfu=run.mfu, peak_memory_mb=peak_memory_mb(run.device))
+    if run.trackers:  # the same rows, as train/<column>
+        run.trackers.log_row(stats.step, "train", {**row, **perf})
 
 
 def save(run: Run, step: int) -> None:

@@ -32,7 +32,7 @@ from pipeline.train import distributed
 from pipeline.train.branch import check_resume_schedule, copy_branch_logs
 from pipeline.train.compiling import decide as decide_compile
 from pipeline.train.optim import make_optimizer
-from pipeline.train.progress import TRAIN_COLUMNS, VAL_COLUMNS, Display, MetricLog
+from pipeline.train.progress import PERF_COLUMNS, TRAIN_COLUMNS, VAL_COLUMNS, Display, MetricLog
 from pipeline.train.resume import pick_checkpoint
 from pipeline.train.run_data import TrainData, open_train_data
 from pipeline.train.spike import SpikeGuard
@@ -83,6 +83,7 @@ class Run:
     display: Display | None = None
     train_log: MetricLog | None = None
     val_log: MetricLog | None = None
+    perf_log: MetricLog | None = None  # MFU and peak memory per step: the trackers' backfill reads them
     flops_per_token: int = 0
     peak_flops: float = 1.0
     tokens_per_s: float = 0.0  # of the last step, rank 0
@@ -209,6 +210,8 @@ def open_outputs(run: Run, cleanup: ExitStack) -> None:
         run.val_log = MetricLog(run.out_dir / "val_log.tsv", VAL_COLUMNS + [f"val_loss/{n}" for n in names],
                                 run.start_step)
         cleanup.callback(run.val_log.close)
+        run.perf_log = MetricLog(run.out_dir / "perf_log.tsv", PERF_COLUMNS, run.start_step)
+        cleanup.callback(run.perf_log.close)
     run.flops_per_token = flops_per_token(run.model_config, run.tp.seq_len)
     run.peak_flops = peak_flops(run.device, run.amp_dtype) * run.world.size if main else 1.0
     run.display.peak_source = peak_source(run.device)  # the bar says what MFU is measured against

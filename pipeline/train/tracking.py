@@ -7,8 +7,9 @@ alone opens them. What they receive:
                  and FLOPs/token, data fingerprint, world size, precision, mm version
                  and commit; W&B and SwanLab take it as the run config, TensorBoard
                  as text
-  every step     each train_log.tsv column as `train/<column>`, plus train/mfu and
-                 train/peak_memory_mb; each val_log.tsv column as `val/<column>`
+  every step     each train_log.tsv and perf_log.tsv column as `train/<column>`
+                 (perf_log.tsv: train/mfu, train/peak_memory_mb); each val_log.tsv
+                 column as `val/<column>`
   at the end     the final metrics and samples generated from fixed prompts (text)
 
 The metrics of one step are gathered and handed over as one row when the next
@@ -17,7 +18,9 @@ step begins (or at a checkpoint, or the end): W&B commits a step once.
 A tracker that raises is reported once and dropped; training and the TSV files go
 on. The TSVs stay the record: on resume each tracker that starts with an empty
 history (see pipeline/train/trackers.py) is given the steps up to the resumed one from
-train_log.tsv and val_log.tsv, so it shows one curve, one value per step.
+train_log.tsv, perf_log.tsv and val_log.tsv, so it shows one curve, one value per step,
+for every metric it was given live (an empty cell, a column an earlier row lacked, is
+left out).
 
 The run's identity (its name and each tracker's run id) is kept in every
 checkpoint (`state()`), so `--resume auto` continues the same runs and
@@ -95,7 +98,7 @@ class Trackers:
         from pipeline.train.progress import read_log
 
         rows: dict[int, dict] = {}
-        for file, prefix in (("train_log.tsv", "train"), ("val_log.tsv", "val")):
+        for file, prefix in (("train_log.tsv", "train"), ("perf_log.tsv", "train"), ("val_log.tsv", "val")):
             path = self.out_dir / file
             for row in read_log(path) if path.exists() else []:
                 step = int(row.pop("step"))
