@@ -14,7 +14,8 @@ def config(
     preset: Annotated[Optional[str], typer.Option(help="Architecture preset (default: params model.preset).")] = None,
     from_dir: Annotated[Optional[Path], typer.Option(
         "--from", help="A Hugging Face model directory (Llama, Qwen3, Qwen3-MoE, MiniMind, an mm export): its "
-                       "architecture, to continue training it with train.init (instead of a preset).")] = None,
+                       "architecture, to continue training it with train.init (instead of a preset) [default: "
+                       "train.init when it names a directory and no --preset is given].")] = None,
     tokenizer: Annotated[Optional[Path], typer.Option(
         help="Tokenizer dir; its vocabulary size sets the model's [default: data/tokenizer, or the --from dir].")
     ] = None,
@@ -39,6 +40,8 @@ def config(
     from pipeline.errors import UserError
 
     p = load(params, sets)
+    if from_dir is None and not preset and p.train.init and Path(p.train.init).is_dir():
+        from_dir = Path(p.train.init)  # training starts from that model: its architecture, not a preset
     if from_dir is not None:
         if preset:
             raise UserError("--preset and --from: give one (--from takes the architecture from the directory)")
