@@ -138,10 +138,10 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
                         f"({model_path})")
     run.data.byte_lengths = token_byte_lengths(tokenizer, config.vocab_size)  # validation's bits per byte
     run.total_steps = resolve_total_steps(tp, run.data.n_windows, run.global_batch)
+    run.data.plan(run.total_steps, run.global_batch)  # data.phases are placed over the run's length
     run.fingerprints = {
         "tokenizer_sha256": tokenizer_sha, "store_fingerprint": store.fingerprint,
         "data_mixture": run.data.mixture_key,
-    run.data.plan(run.total_steps, run.global_batch)  # data.phases are placed over the run's length
         "vocab_size": store.vocab_size, "seq_len": tp.seq_len, "global_batch": run.global_batch,
         "seed": tp.seed,  # keys the window order (pipeline/data/sampler.py)
     }
@@ -164,10 +164,10 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
     # ------------------------------------------------------------------ resume
     checkpoint = pick_checkpoint(resume, run.out_dir, run.note, supersede=world.is_main)
     if checkpoint is not None:
+        run.fingerprints["data_mixture"] = run.data.resume(checkpoint["data"], checkpoint["step"] * run.global_batch)
         check_compatible(checkpoint, config, run.fingerprints, allow_data_change)
         saved_optimizer = checkpoint["train_config"].get("optimizer", "adamw")
         if saved_optimizer != tp.optimizer:  # their states have different shapes: refuse before loading
-        run.fingerprints["data_mixture"] = run.data.resume(checkpoint["data"], checkpoint["step"] * run.global_batch)
             raise UserError(f"{checkpoint['path']}: cannot resume, the run differs in train.optimizer "
                             f"({saved_optimizer} → {tp.optimizer}); {WAYS_OUT}")
         resume_schedule(run, checkpoint)  # the learning rate of steps taken stays theirs, except in a branch
