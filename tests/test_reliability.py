@@ -10,6 +10,8 @@ Fault injection (documented in docs/training.md, "Reliability"):
   MM_INJECT_SAVE_FAULT=8:kill  SIGKILL inside the save of step 8, after the tmp file is
                                complete and before the rename (pipeline/checkpoint/format.py)
   MM_INJECT_SAVE_FAULT=4:enospc  the save of step 4 fails with ENOSPC after 64 KiB
+  MM_INJECT_SPIKE_STEPS=20     step 20's update at 1000x the learning rate: the next loss spikes
+                               (pipeline/train/spike.py)
 """
 
 from __future__ import annotations
@@ -828,7 +830,7 @@ def spike_runs(setup) -> dict:
     injected (rollback, and abort); that run stopped at 24 and resumed; two spikes with one rollback allowed."""
     cases = {
         "clean": ([], {}),
-        "rollback": ([], {"MM_INJECT_SPIKE_STEPS": "20"}),
+        "rollback": (["train.trackers=tensorboard"], {"MM_INJECT_SPIKE_STEPS": "20"}),
         "abort": (["train.spike_action=abort"], {"MM_INJECT_SPIKE_STEPS": "20"}),
         "split": (["train.stop_after=24"], {"MM_INJECT_SPIKE_STEPS": "20"}),
         "limit": (["train.spike_max_rollbacks=1"], {"MM_INJECT_SPIKE_STEPS": "14,22"}),
@@ -876,6 +878,16 @@ def test_a_spike_is_rolled_back_once_its_data_skipped_and_the_run_finishes(setup
     assert metrics["rollbacks"] == 1 and metrics["spike_skips"] == 0 and metrics["steps"] == 30
     assert abs(metrics["val_loss"] - reference["val_loss"]) < 0.02 * reference["val_loss"], (metrics, reference)
     assert load(out / "ckpt.pth")["metrics"]["spike_guard"]["rollbacks"] == 1
+
+
+def test_a_rollback_is_a_row_of_the_trackers(setup, spike_runs):
+    pytest.importorskip("tensorboard")
+    from tracker_files import tensorboard_history
+
+    (run_dir,) = (setup.cwd / "spike_rollback" / "tb").iterdir()
+    history = tensorboard_history(run_dir)
+    assert history["spike/rollbacks"] == [(21, 1.0)] and history["spike/discarded_steps"] == [(21, 2.0)]
+    assert [s for s, _ in history["train/loss"]] == list(range(1, 31))
 
 
 def test_a_run_with_the_guard_and_no_spike_has_no_events(setup, spike_runs):
