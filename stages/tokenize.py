@@ -83,6 +83,11 @@ def tokenize(
                             "give input files to tokenize a source params does not name")
         names = [source] if source else list(sources)
         jobs = [(list(sources[n].paths), n, text_field or sources[n].text_field) for n in names]
+    if len(jobs) > 1:  # a source with no usable text stops the command before any other is published
+        from pipeline.data.inputs import check_has_text
+
+        for inputs, _, field in jobs:
+            check_has_text(inputs, field)
     for inputs, name, field in jobs:
         r = tokenize_files(inputs, tokenizer, out, source=name, part=_part(part), workers=workers,
                            val_fraction=val_fraction if val_fraction is not None else p.data.val_fraction,

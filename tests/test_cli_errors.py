@@ -191,3 +191,20 @@ def test_train_checks_model_sets_as_mm_config_does_and_says_they_are_ignored():
     r = mm("train", "--set", "model.dim=64", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "note: --set model.dim: ignored by mm train, which reads the architecture from data/model.json" in r.stderr
+
+
+def test_tokenize_of_every_source_publishes_none_when_one_has_no_usable_text(tiny_store, tmp_path):
+    """`mm tokenize` with no inputs tokenizes every source in params: one without usable text stops it
+    before any part is written, so the rerun after fixing it needs no --force for the others."""
+    good = _renamed_field(tiny_store, tmp_path / "good.jsonl", 50, field="text")
+    bad = _renamed_field(tiny_store, tmp_path / "bad.jsonl", 50, field="body")
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text().replace(
+        "    sample:\n      path: data/sample.jsonl", f"    sample:\n      path: {good}\n    bad:\n      path: {bad}", 1))
+    store = tmp_path / "t.zarr"
+    args = ("tokenize", "--tokenizer", tiny_store.tokenizer, "--out", store, "--workers", 1, "--params", params)
+    assert_user_error(mm(*args, cwd=tmp_path), f"{bad}: no usable text in field 'text'", "missing_field (50")
+    assert not store.exists()  # not even the good source's part (nor the store's root)
+    r = mm(*args, "--set", "data.sources.bad.text_field=body", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.parent.name for p in store.glob("*/part-*")) == ["bad", "sample"]

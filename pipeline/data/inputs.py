@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.data import columnar
-from pipeline.data.readers import BATCH_BYTES, iter_blocks, parse_line, parse_value, split_lines
+from pipeline.data.readers import BATCH_BYTES, iter_blocks, no_text_error, parse_line, parse_value, split_lines
 from pipeline.errors import UserError
 
 SUFFIXES = {".jsonl": "jsonl", ".jsonl.gz": "jsonl.gz", ".jsonl.zst": "jsonl.zst", ".parquet": "parquet"}
@@ -194,3 +194,12 @@ def iter_texts(paths: list[str | Path], text_field: str = "text", rejects: dict[
                     yield text
                 elif rejects is not None:
                     rejects[reason] = rejects.get(reason, 0) + 1
+
+
+def check_has_text(paths: list[str | Path], text_field: str) -> None:
+    """UserError (`no_text_error`) unless `paths` hold a usable line or row; reading stops at the
+    first one, so a good source costs one block."""
+    rejects: dict[str, int] = {}
+    for _ in iter_texts(paths, text_field, rejects):
+        return
+    raise no_text_error(", ".join(map(str, paths)), text_field, rejects)
