@@ -33,7 +33,8 @@ from pipeline.data.tokenize_worker import split_of
 from pipeline.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from pipeline.errors import UserError
 
-PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same examples every run (a failure reproduces; the suite stays deterministic).
+PROPERTY = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 FORMATS = ("jsonl", "jsonl-ascii", "jsonl.gz", "parquet")
 VAL_FRACTION = 0.3  # some documents on each side in most examples
 
@@ -122,7 +123,7 @@ def test_special_token_strings_inside_text_keep_count_and_text(tokenizer, docs, 
     check_round_trip(tokenizer, docs, fmt)
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(PROPERTY, max_examples=10)
 @given(docs=st.lists(st.one_of(long_texts, texts), min_size=1, max_size=4), fmt=st.sampled_from(FORMATS))
 def test_long_documents_across_chunk_files_keep_count_and_text(tokenizer, docs, fmt):
     check_round_trip(tokenizer, docs, fmt, chunk_tokens=64)
