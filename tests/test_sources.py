@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,30 @@ def test_four_parts_written_out_of_order_and_concurrently_equal_one_run(tiny_sto
         tokenize_files([mixed_dir], tiny_store.tokenizer, store, part=(1, 4), **kw)
     with pytest.raises(UserError, match="--part 4/4"):
         tokenize_files([mixed_dir], tiny_store.tokenizer, store, part=(4, 4), **kw)
+
+
+def test_a_part_moved_aside_by_a_crashed_publish_is_put_back(tiny_store, tmp_path):
+    """A writer killed between publish_dir's two renames leaves the complete part at .PART.old-PID and
+    its new one at .PART.tmp-PID: the next writer renames the old copy back (the only complete one), so
+    it then finds the part and refuses without --force, every byte as before; the temporary is gone."""
+    from pipeline.data.store.reader import open_store, part_dir
+    from pipeline.data.tokenize import tokenize_files
+
+    lines = tiny_store.corpus.read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:200]) + "\n")
+    store = tmp_path / "s.zarr"
+    kw = {"source": "a", "val_fraction": 0.1, "progress": False}
+    tokenize_files([tmp_path / "a.jsonl"], tiny_store.tokenizer, store, **kw)
+    final = part_dir(store, "a", 0, 1)
+    before = {p.relative_to(final): p.read_bytes() for p in final.rglob("*") if p.is_file()}
+    os.replace(final, final.with_name(f".{final.name}.old-99999"))  # the first rename done, not the second
+    shutil.copytree(final.with_name(f".{final.name}.old-99999"), final.with_name(f".{final.name}.tmp-99999"))
+
+    with pytest.raises(UserError, match="part exists"):
+        tokenize_files([tmp_path / "a.jsonl"], tiny_store.tokenizer, store, **kw)
+    assert {p.relative_to(final): p.read_bytes() for p in final.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in final.parent.iterdir()) == [final.name, "zarr.json"]
+    assert open_store(store).train.n_tokens > 0
 
 
 # --------------------------------------------------------------------------- formats

@@ -276,9 +276,9 @@ def tokenize_files(
     final = sdir / name
     t0 = time.perf_counter()
     with PartLock(sdir / f".{name}.lock", str(final)):
+        clear_stale(sdir, name)  # first: a complete part a crash left moved aside is put back
         if final.exists() and not force:
             raise UserError(f"{final}: part exists (use --force to replace it)")
-        clear_stale(sdir, name)
         tmp = sdir / f".{name}.tmp-{os.getpid()}"
         try:
             shares = plan_part(files, *part)

@@ -8,7 +8,8 @@ whole:
   then `pipeline.atomic.publish_dir` fsyncs every file and directory and renames
   it into place (fsyncing the directory again), so a part that exists is
   complete, and a crash leaves only a hidden directory that the next writer of
-  that part removes;
+  that part removes, or, when the crash came between publish_dir's two renames,
+  puts back (`clear_stale`);
 - the root and source groups are created if missing by linking a finished
   file into place (never overwriting one another writer made), so writers of
   different parts of one store never contend;
@@ -316,8 +317,24 @@ class PartLock:
         os.close(self.fd)
 
 
-def clear_stale(source_dir: Path, part: str) -> None:
-    """Remove temporaries of `part` left by writers that died (call with the part's lock held)."""
-    for p in source_dir.glob(f".{part}.*-*"):
+def clear_stale(source_dir: Path, part: str) -> bool:
+    """Clean up after writers of `part` that died (call with the part's lock held); True when a
+    complete earlier copy of the part was put back in place.
+
+    `.PART.tmp-PID` is a part being written: never complete, removed. `.PART.old-PID` is the
+    complete part `publish_dir` moves aside before renaming the new one in: when the part itself
+    is missing, the writer died between those two renames and that copy is the only complete one,
+    so it is renamed back; when the part exists, the old copy was superseded and is removed."""
+    final = source_dir / part
+    restored = False
+    for p in sorted(source_dir.glob(f".{part}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True):
+        if p.is_dir() and not final.exists():
+            os.replace(p, final)  # the newest moved-aside copy (one writer at a time: normally the only one)
+            fsync_dir(source_dir)
+            restored = True
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+    for p in source_dir.glob(f".{part}.tmp-*"):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
+    return restored
