@@ -919,3 +919,74 @@ def test_a_resume_after_a_rollback_continues_identically(setup, spike_runs):
     assert (out / "spikes.tsv").read_text() == (ref / "spikes.tsv").read_text()
     assert_same_state(load(out / "ckpt.pth"), load(ref / "ckpt.pth"))
     assert json.loads((out / "metrics.json").read_text())["rollbacks"] == 1
+
+
+def _guarded_run(tmp_path: Path, **spike):
+    """A real Run around a 1-block model and its AdamW, as setup() builds one, for the guard alone."""
+    from pipeline.architecture import build_config
+    from pipeline.model.transformer import Transformer
+    from pipeline.params import TrainParams
+    from pipeline.train.distributed import World
+    from pipeline.train.optim import make_optimizer
+    from pipeline.train.progress import Display
+    from pipeline.train.setup import Run
+    from pipeline.train.spike import SpikeGuard
+
+    tp = TrainParams(dtype="fp32", spike_window=4, **spike)
+    torch.manual_seed(0)
+    model = Transformer(build_config("tiny", 256, {"dim": 32, "n_layers": 1}))
+    return Run(tp=tp, world=World(), stop=None, out_dir=tmp_path, spike=SpikeGuard(tp), model=model,
+               optimizer=make_optimizer(model, tp, torch.device("cpu")), display=Display(10, 0, 1, enabled=False))
+
+
+def _guarded_steps(run, losses: list[float]) -> list[tuple[bool, list, list]]:
+    """Each step: backward on a fixed batch, the guard judges the given loss, then the optimizer steps.
+    Returns (dropped, weights, AdamW's first moments) as the guard left them, before each update."""
+    x = torch.arange(32).reshape(2, 16) * 7 % 256
+    seen = []
+    for step, loss in enumerate(losses, start=1):
+        token_loss, _ = run.model(x, targets=x)
+        (token_loss / x.numel()).backward()
+        run.loss = loss
+        dropped = run.spike.judge(run, step)
+        seen.append((dropped, [p.detach().clone() for p in run.model.parameters()],
+                     [s["exp_avg"].clone() for s in run.optimizer.state.values() if "exp_avg" in s]))
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return seen
+
+
+def test_spike_guard_restores_the_state_its_last_normal_loss_vouched_for(tmp_path):
+    run = _guarded_run(tmp_path, spike_lr_factor=0.5, spike_lr_steps=3)
+    seen = _guarded_steps(run, [5.0, 4.9, 5.1, 4.8, 4.9, 30.0, 4.7])
+    assert [d for d, _, _ in seen] == [False] * 5 + [True, False]
+    # Step 5's normal loss vouched for the state after step 4; step 6 spiked: that state is back.
+    for a, b in zip(seen[5][1] + seen[5][2], seen[4][1] + seen[4][2], strict=True):  # weights and AdamW state
+        assert torch.equal(a, b)
+    assert len(seen[5][2]) == len(seen[5][1])
+    assert not all(torch.equal(a, b) for a, b in zip(seen[4][1], seen[3][1], strict=True))  # it was not older
+    # ... and the spiking step's update changed nothing: step 7 starts from it too.
+    for a, b in zip(seen[6][1], seen[4][1], strict=True):
+        assert torch.equal(a, b)
+    assert run.spike.metrics() == {"rollbacks": 1, "spike_skips": 0}
+    assert [run.spike.lr_scale(s) for s in (6, 7, 9, 10)] == [0.5, 0.5, 0.5, 1.0]  # 3 steps after step 6
+    # What a checkpoint keeps gives a resumed guard the same window and counters.
+    from pipeline.train.spike import SpikeGuard
+
+    again = SpikeGuard(run.tp)
+    again.restore(run.spike.state())
+    assert again.state() == run.spike.state() and list(again.recent) == [5.1, 4.8, 4.9, 4.7]  # no 30.0
+
+
+def test_spike_guard_skip_drops_the_update_and_rollback_without_a_state_says_so(tmp_path):
+    run = _guarded_run(tmp_path, spike_action="skip")
+    seen = _guarded_steps(run, [5.0, 4.9, 5.1, 4.8, 30.0, 4.7])
+    assert [d for d, _, _ in seen] == [False] * 4 + [True, False]
+    for a, b in zip(seen[5][1], seen[4][1], strict=True):  # the spiking step's update was dropped
+        assert torch.equal(a, b)
+    assert run.spike.metrics() == {"rollbacks": 0, "spike_skips": 1}
+
+    fresh = _guarded_run(tmp_path, spike_action="rollback")  # e.g. just resumed: a full window, no state kept
+    fresh.spike.restore({"recent": [5.0] * 4, "rollbacks": 0, "skips": 0, "lr_low_until": 0})
+    with pytest.raises(UserError, match=r"step 1: loss spike with no earlier state to roll back to"):
+        _guarded_steps(fresh, [30.0])
