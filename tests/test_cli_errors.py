@@ -199,8 +199,8 @@ def test_tokenize_of_every_source_publishes_none_when_one_has_no_usable_text(tin
     good = _renamed_field(tiny_store, tmp_path / "good.jsonl", 50, field="text")
     bad = _renamed_field(tiny_store, tmp_path / "bad.jsonl", 50, field="body")
     params = tmp_path / "params.yaml"
-    params.write_text((REPO / "params.yaml").read_text().replace(
-        "    sample:\n      path: data/sample.jsonl", f"    sample:\n      path: {good}\n    bad:\n      path: {bad}", 1))
+    two = f"    sample:\n      path: {good}\n    bad:\n      path: {bad}"
+    params.write_text((REPO / "params.yaml").read_text().replace("    sample:\n      path: data/sample.jsonl", two, 1))
     store = tmp_path / "t.zarr"
     args = ("tokenize", "--tokenizer", tiny_store.tokenizer, "--out", store, "--workers", 1, "--params", params)
     assert_user_error(mm(*args, cwd=tmp_path), f"{bad}: no usable text in field 'text'", "missing_field (50")
