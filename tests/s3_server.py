@@ -13,6 +13,7 @@ The proxy is plain sockets: each new connection, and each request on a kept-aliv
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -45,6 +46,7 @@ class S3Server:
     def start(self) -> S3Server:
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request in the test output
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.moto_port, verbose=False)
         self.server.start()
         if self.latency_s and self.proxy is None:
@@ -71,11 +73,13 @@ class S3Server:
     def make_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
 
+    def keys(self, bucket: str, prefix: str) -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
     def objects(self, bucket: str, prefix: str) -> dict[str, bytes]:
         c = self.client()
-        keys = [o["Key"] for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-                for o in page.get("Contents", [])]
-        return {k: c.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+        return {k: c.get_object(Bucket=bucket, Key=k)["Body"].read() for k in self.keys(bucket, prefix)}
 
 
 class _DelayProxy:

@@ -18,9 +18,12 @@ What the tests show:
 
 from __future__ import annotations
 
+import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +150,152 @@ def test_training_on_s3_equals_the_local_store(s3, work, tiny_store, stores, loc
     assert log_rows(out) == log_rows(local_run)
     assert log_rows(out, "val_log.tsv") == log_rows(local_run, "val_log.tsv")
     assert any((work / "cache").iterdir())  # it did read through the cache
+
+
+# ---------------------------------------------------------------------------
+# A store of many small chunks, read through a cache far smaller than it
+# ---------------------------------------------------------------------------
+
+SMALL = f"s3://{BUCKET}/small.zarr"
+CACHE_GB = 2e-5  # 20 KB: about 40 of the small store's 512-byte token chunks, out of ~190
+
+
+@pytest.fixture(scope="module")
+def small_store(s3, work, tiny_store, stores) -> str:
+    """The same corpus in chunks of 256 tokens, uploaded by the in-process writer (tokenize_files to a URL)."""
+    from pipeline.data.tokenize import tokenize_files
+
+    tokenize_files([work / "corpus.jsonl"], tiny_store.tokenizer, SMALL, source="sample", val_fraction=0.02,
+                   progress=False, chunk_tokens=256)
+    return SMALL
+
+
+def cache_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.iterdir() if not f.name.startswith("."))
+
+
+def test_cache_stays_under_its_bound_and_losses_match(s3, work, tiny_store, small_store, local_run):
+    from pipeline.data.store.reader import open_store
+
+    chunks = [k for k in s3.keys(BUCKET, "small.zarr/sample/") if "/train/tokens/c/" in k]
+    assert len(chunks) * 512 > 4 * CACHE_GB * 1e9  # the store is several times the cache
+    assert open_store(SMALL).fingerprint == open_store(URL).fingerprint  # chunked differently, the same data
+    out, cache = work / "run_small", work / "cache_small"
+    train(s3, work, tiny_store, SMALL, out, f"data.cache_gb={CACHE_GB}", f"data.cache_dir={cache}")
+    assert 0 < cache_bytes(cache) <= CACHE_GB * 1e9
+    assert log_rows(out) == log_rows(local_run)
+
+
+def test_server_stopped_mid_run_stops_cleanly_then_resumes_the_same_curve(s3, work, tiny_store, small_store,
+                                                                          local_run):
+    out, cache = work / "run_outage", work / "cache_outage"
+    extra = (f"data.cache_gb={CACHE_GB}", f"data.cache_dir={cache}", "train.log_interval=1")
+    proc = train(s3, work, tiny_store, SMALL, out, *extra, wait=False)
+    try:
+        deadline = time.time() + 300
+        while not ((out / "train_log.tsv").is_file() and len(log_rows(out)) >= 12):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        s3.stop()
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if s3.server is None:
+            s3.start()
+    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert len(lines) == 1 and SMALL in lines[0] and "unreachable" in lines[0], err[-3000:]
+    assert "after 6 retries" in lines[0] and "rerun to resume" in lines[0], lines[0]  # backoff, then a clean stop
+    saved = sorted(out.glob("step_*.pth"))
+    assert saved and int(saved[-1].stem.split("_")[1]) >= 12  # the last finished step, not only step 10
+    train(s3, work, tiny_store, SMALL, out, *extra)
+    assert log_rows(out) == log_rows(local_run)
+
+
+# ---------------------------------------------------------------------------
+# Upload interrupted; damaged chunks; errors
+# ---------------------------------------------------------------------------
+
+WRITE = """
+import sys
+import time
+from pipeline.data.tokenize import tokenize_files
+tokenize_files([sys.argv[1]], sys.argv[2], sys.argv[3], source="sample", val_fraction=0.02, progress=False,
+               chunk_tokens=2048)
+"""
+
+
+def test_upload_killed_halfway_leaves_no_part_and_a_rerun_completes_it(s3, work, tiny_store):
+    from pipeline.data.store.reader import open_store
+    from pipeline.data.tokenize import tokenize_files
+    from pipeline.errors import UserError
+
+    slow = S3Server(latency_s=0.05).start()  # the same objects (moto's state is per process), each request slower
+    url, part = f"s3://{BUCKET}/killed.zarr", "killed.zarr/sample/part-00000-of-00001/"
+    args = [sys.executable, "-c", WRITE, str(work / "corpus.jsonl"), str(tiny_store.tokenizer), url]
+    env = mm_env(**slow.env(), XDG_CACHE_HOME=str(work / "xdg"))
+    try:
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while len(s3.keys(BUCKET, part)) < 10:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        uploaded = s3.keys(BUCKET, part)
+        assert part + "zarr.json" not in uploaded and len(uploaded) >= 10
+        with pytest.raises(UserError, match="no finished part"):
+            open_store(url)
+        r = mm("verify", url, env=env_for(s3, work))
+        assert r.returncode == 1 and "BAD" in r.stdout, r.stdout + r.stderr
+        rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]  # the dead writer's lock was taken over
+    finally:
+        slow.close()
+    tokenize_files([work / "corpus.jsonl"], tiny_store.tokenizer, work / "killed.zarr", source="sample",
+                   val_fraction=0.02, progress=False, chunk_tokens=2048)
+    remote = {k.removeprefix("killed.zarr/"): v for k, v in s3.objects(BUCKET, "killed.zarr/").items()}
+    assert remote == tree(work / "killed.zarr")  # complete, byte-identical, no lock left
+    assert mm("verify", url, env=env_for(s3, work)).returncode == 0
+
+
+def test_a_damaged_chunk_is_refused_naming_it(s3, work, tiny_store, stores):
+    from pipeline.data.store import cache
+    from pipeline.data.store.reader import open_store
+    from pipeline.errors import UserError
+
+    c = s3.client()
+    for key in s3.keys(BUCKET, "tokens.zarr/"):  # a copy of the store with one chunk's bytes altered
+        c.copy_object(Bucket=BUCKET, Key=key.replace("tokens.zarr/", "damaged.zarr/", 1),
+                      CopySource={"Bucket": BUCKET, "Key": key})
+    chunk = "damaged.zarr/sample/part-00000-of-00001/train/tokens/c/0"
+    data = bytearray(c.get_object(Bucket=BUCKET, Key=chunk)["Body"].read())
+    data[100] ^= 1
+    c.put_object(Bucket=BUCKET, Key=chunk, Body=bytes(data))
+    cache.configure(work / "cache_damaged", 1.0)
+    store = open_store(f"s3://{BUCKET}/damaged.zarr")  # opening reads metadata and sizes only
+    with pytest.raises(UserError, match=r"s3://mmtokens/damaged.zarr/sample/.*/train/tokens/c/0: sha256 differs"):
+        store.train.tokens[0:10]
+    recorded = store.sources["sample"].parts[0].attrs["chunk_sha256"]["train/tokens/c/0"]
+    kept = list((work / "cache_damaged").iterdir())  # the doc offsets opening read, and not the damaged chunk
+    assert kept and recorded not in {f.name for f in kept}
+    assert all(hashlib.sha256(f.read_bytes()).hexdigest() == f.name for f in kept)
+    r = mm("verify", f"s3://{BUCKET}/damaged.zarr", env=env_for(s3, work))
+    assert_user_error(r, "train/tokens/c/0", "sha256 differs", alone=False)
+
+
+@pytest.mark.parametrize("url, needle", [
+    (f"s3://{BUCKET}/absent.zarr", "token store not found"),
+    ("s3://no-such-bucket/tokens.zarr", "s3://no-such-bucket/tokens.zarr"),
+])
+def test_a_missing_store_or_bucket_is_one_line_naming_the_url(s3, work, tiny_store, url, needle):
+    r = mm("train", "--data", url, "--tokenizer", tiny_store.tokenizer, "--model", work / "model.json",
+           *sets(f"train.out_dir={work / 'run_missing'}"), env=env_for(s3, work))
+    assert_user_error(r, url, needle)
+
+
+def test_without_the_cloud_extra_a_url_names_the_extra(s3, work, tmp_path):
+    (tmp_path / "obstore.py").write_text("raise ImportError('obstore is not installed')\n")
+    env = env_for(s3, work)
+    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"
+    r = mm("verify", URL, env=env)
+    assert_user_error(r, URL, "pip install 'mm[cloud]'")
