@@ -109,6 +109,7 @@ class Run:
             print(text, file=sys.stderr, flush=True)
 
 
+# Long because its ruled sections (device, data, model, resume) fill one Run in order; each is short.
 def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir, model_path, resume: str,
           allow_data_change: bool, requested: str, world: distributed.World, stop: StopRequest, phases=()) -> Run:
     """Device, data, model, optimizer, and the state of the checkpoint resumed from (if any).
