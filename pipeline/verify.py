@@ -123,13 +123,7 @@ def verify_store(root: Path) -> list[Row]:
     except (ValueError, UnicodeDecodeError, AttributeError):
         return [Row(meta_path, "store layout and attributes", False, "not valid JSON (group metadata)")]
     if attrs.get("version") != store_layout.STORE_VERSION:
-        try:
-            store = ts.open_store(root)  # format 1: layout, sizes, counts, attribute checksum
-        except UserError as e:
-            return [_failed(e, root, "store layout and attributes")]
-        rows = [Row(meta_path, "store layout and attributes", True,
-                    f"format {store.attrs['version']}, vocab {store.vocab_size}, {store.dtype.name}")]
-        return rows + _verify_part(root, store.dtype, store.vocab_size, {}, str(store.attrs.get("version")))
+        return _verify_format1(root, meta_path, attrs)  # open_store reads format 2 only
 
     # Format 2: the root's attributes, then every part of every source on its own.
     try:
@@ -164,6 +158,42 @@ def verify_store(root: Path) -> list[Row]:
                 continue
             rows += _verify_part(part, dtype, vocab, part_attrs.get("chunk_sha256") or {}, str(attrs["version"]))
     return rows
+
+
+def _verify_format1(root: Path, meta_path: Path, attrs: dict) -> list[Row]:
+    """Format 1 (one train/val pair at the root, before sources and parts; no chunk hashes recorded):
+    what its reader checked (attributes, an attribute checksum where present, counts against the
+    arrays), then token ids and offsets as for a format-2 part."""
+    from pipeline.data.store.layout import FORMAT_NAME, SPLITS
+    from pipeline.data.store.views import array_layout
+
+    check = "store layout and attributes"
+    if attrs.get("format") != FORMAT_NAME or attrs.get("version") != 1:
+        return [Row(meta_path, check, False, f"not an mm token store of format 1 or 2 (format "
+                                             f"{attrs.get('format')!r}, version {attrs.get('version')!r})")]
+    try:
+        dtype, vocab, counts = np.dtype(attrs["dtype"]), int(attrs["tokenizer"]["vocab_size"]), attrs["counts"]
+        expected = {name: (int(counts[name]["tokens"]), int(counts[name]["documents"])) for name in SPLITS}
+    except (KeyError, TypeError, ValueError) as e:
+        return [Row(meta_path, check, False, f"attributes incomplete or malformed ({e})")]
+    if dtype.name not in ("uint16", "uint32") or vocab > np.iinfo(dtype).max + 1:
+        return [Row(meta_path, check, False, f"vocab_size {vocab} in dtype {dtype.name}: not a token store's")]
+    if "attrs_sha256" in attrs:  # format 1 recorded it from some version on: checked where present
+        bad = _attrs_mismatch(attrs, meta_path)
+        if bad:
+            return [bad]
+    rows = [Row(meta_path, check, True, f"format 1, vocab {vocab}, {dtype.name}")]
+    rows += _verify_part(root, dtype, vocab, {}, "1")
+    if not all(row.ok for row in rows):
+        return rows
+    for name in SPLITS:
+        tokens = array_layout(root / name / "tokens", dtype)[0]
+        documents = array_layout(root / name / "doc_offsets", np.dtype("int64"))[0] - 1
+        if (tokens, documents) != expected[name]:
+            return rows + [Row(meta_path, "counts against the arrays", False,
+                               f"attributes say {name} has {expected[name][1]} documents / {expected[name][0]} "
+                               f"tokens, the arrays hold {documents} / {tokens}")]
+    return rows + [Row(meta_path, "counts against the arrays", True, "train and val as the attributes say")]
 
 
 def _attrs_mismatch(attrs: dict, meta_path: Path) -> Row | None:

@@ -8,6 +8,7 @@ checkpoint through the real export_hf. Everything is copied before damage.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -111,6 +112,51 @@ def test_verify_checks_ids_and_offsets_in_process(artifacts, tmp_path):
 
     row = _check_offsets(part / "val/doc_offsets", np.asarray(offsets), int(offsets[-1]))
     assert not row.ok and row.path == part / "val/doc_offsets" and "below" in row.detail
+
+
+def _as_format1(part: Path, root: Path) -> Path:
+    """A format-1 store (train/val at the root, as mm wrote before sources and parts) holding `part`'s arrays."""
+    from pipeline.data.store.layout import ATTRS_CHECKSUM, attrs_checksum
+
+    shutil.copytree(part, root)
+    meta = json.loads((root / "zarr.json").read_text())
+    old = meta["attributes"]
+    attrs = {"format": old["format"], "version": 1, "dtype": old["dtype"], "tokenizer": old["tokenizer"],
+             "text_field": old["text_field"], "val_fraction": old["val_fraction"], "sources": ["sample.jsonl"],
+             "counts": old["counts"]}
+    meta["attributes"] = {**attrs, ATTRS_CHECKSUM: attrs_checksum(attrs)}
+    (root / "zarr.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_verify_reads_a_format_1_store(artifacts, tmp_path):
+    """A format-1 store passes (the docs list it); a token id out of range and counts that disagree with
+    the arrays are named."""
+    from pipeline.verify import verify
+
+    part = artifacts["store"] / "sample/part-00000-of-00001"
+    store = _as_format1(part, tmp_path / "v1.zarr")
+    r = mm("verify", store)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "format 1" in r.stdout and "BAD" not in r.stdout
+    kind, rows = verify(store)
+    assert kind == "token store" and all(row.ok for row in rows) and len(rows) == 8
+
+    tokens = np.memmap(store / "train/tokens/c/0", dtype="<u2", mode="r+")
+    tokens[7] = 1024
+    tokens.flush()
+    assert error_line(mm("verify", store)).startswith(f"error: {store / 'train/tokens/c/0'}: token id 1024")
+
+    from pipeline.data.store.layout import ATTRS_CHECKSUM, attrs_checksum
+
+    store2 = _as_format1(part, tmp_path / "v1b.zarr")
+    meta = json.loads((store2 / "zarr.json").read_text())
+    attrs = meta["attributes"]
+    attrs["counts"]["val"]["documents"] += 1
+    attrs[ATTRS_CHECKSUM] = attrs_checksum(attrs)
+    (store2 / "zarr.json").write_text(json.dumps(meta))
+    bad = [row for row in verify(store2)[1] if not row.ok]
+    assert bad and bad[0].path == store2 / "zarr.json" and "the arrays hold" in bad[0].detail
 
 
 def test_verify_recognises_a_gguf_export_and_its_flipped_tensor_byte(artifacts, tmp_path):
