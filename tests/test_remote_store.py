@@ -5,7 +5,8 @@ What the tests show:
   tokenize + verify   `mm tokenize ... --out s3://mmtokens/tokens.zarr`, then `mm verify` on the URL:
                       exit 0, and every object byte-identical to a local `mm tokenize` of the same input
   same losses         `mm train --data s3://...` for 30 fp32 steps == the same run on the local store,
-                      row for row of train_log.tsv (and val_log.tsv)
+                      row for row of train_log.tsv (and val_log.tsv); with 2 processes (each rank
+                      fetching its own windows' chunks) == 2 processes on the local store
   cache bound         a store of many small chunks read with data.cache_gb far below its size: the
                       cache directory stays under the bound, and the losses are still the local run's
   server stopped      mid-run: retries, then exit 1 with one line naming the URL and a checkpoint;
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, assert_user_error, mm, mm_env
-from s3_server import S3Server
+from s3_server import S3Server, free_port
 
 pytest.importorskip("obstore", reason="the cloud extra (pip install 'mm[cloud]')")
 pytest.importorskip("moto.server", reason="moto[server] (the test extra)")
@@ -115,9 +116,10 @@ def test_second_writer_of_a_part_is_refused(s3, work, stores, tiny_store):
 
 
 def train(s3, work: Path, tiny_store, data: str, out: Path, *extra: str, env_extra: dict | None = None,
-          wait: bool = True):
+          wait: bool = True, procs: int = 0):
+    launch = ["--procs", str(procs), "--master-port", str(free_port())] if procs else []
     args = [sys.executable, "-m", "stages.cli", "train", "--data", str(data), "--tokenizer",
-            str(tiny_store.tokenizer), "--model", str(work / "model.json"), "--device", "cpu",
+            str(tiny_store.tokenizer), "--model", str(work / "model.json"), "--device", "cpu", *launch,
             *sets(f"train.out_dir={out}", f"data.cache_dir={work / 'cache'}", *TRAIN, *extra)]
     proc = subprocess.Popen(args, cwd=REPO, env=env_for(s3, work, **(env_extra or {})), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -152,6 +154,7 @@ def test_training_on_s3_equals_the_local_store(s3, work, tiny_store, stores, loc
     assert any((work / "cache").iterdir())  # it did read through the cache
 
 
+
 # ---------------------------------------------------------------------------
 # A store of many small chunks, read through a cache far smaller than it
 # ---------------------------------------------------------------------------
@@ -184,6 +187,16 @@ def test_cache_stays_under_its_bound_and_losses_match(s3, work, tiny_store, smal
     train(s3, work, tiny_store, SMALL, out, f"data.cache_gb={CACHE_GB}", f"data.cache_dir={cache}")
     assert 0 < cache_bytes(cache) <= CACHE_GB * 1e9
     assert log_rows(out) == log_rows(local_run)
+
+
+def test_two_processes_on_s3_equal_two_on_the_local_store(s3, work, tiny_store, stores, small_store):
+    """Each rank fetches its own windows' chunks (the small-chunk store, a cache per run)."""
+    local, remote = work / "run_local_2p", work / "run_s3_2p"
+    train(s3, work, tiny_store, str(stores["local"]), local, "train.accumulation_steps=2", procs=2)
+    train(s3, work, tiny_store, SMALL, remote, "train.accumulation_steps=2", f"data.cache_dir={work / 'cache_2p'}",
+          procs=2)
+    assert len(log_rows(remote)) == 30
+    assert log_rows(remote) == log_rows(local)
 
 
 def test_server_stopped_mid_run_stops_cleanly_then_resumes_the_same_curve(s3, work, tiny_store, small_store,
