@@ -3,7 +3,7 @@
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 # The CPU build of torch (a wheel the development machines keep on disk); GPU users set
-# TORCH_SPEC to their own (e.g. TORCH_SPEC='torch>=2.4').
+# TORCH_SPEC to their own (e.g. TORCH_SPEC='torch>=2.6').
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install demo test

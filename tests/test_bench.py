@@ -136,6 +136,25 @@ def test_missing_task_data_offline_is_one_line_and_no_network(fresh, tmp_path):
     assert_user_error(mm("eval", fresh["ckpt"], "--tasks", "arc_easy"), "mm export")
 
 
+def test_benchmarks_check_that_bos_comes_first(fresh, tmp_path):
+    """The harness gets BOS only through add_bos_token: the export's tokenizer, loaded as the harness loads
+    it, must put BOS first (it does with this transformers); one without a BOS token is refused in a line."""
+    import shutil
+
+    from pipeline.errors import UserError
+    from pipeline.evaluate.benchmarks import check_bos_first
+
+    check_bos_first(fresh["export"])
+    broken = tmp_path / "no_bos"
+    shutil.copytree(fresh["export"], broken)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        doc = json.loads((broken / name).read_text())
+        doc.pop("bos_token", None)
+        (broken / name).write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="does not put BOS"):
+        check_bos_first(broken)
+
+
 def test_export_chat_template_is_chatml_as_minimind_writes_it(fresh):
     """MiniMind's ChatML (its tokenizer_config.json): <|im_start|>ROLE\\nTEXT<|im_end|>\\n per message,
     a default system message when none is given; written out here by hand from that format."""

@@ -58,6 +58,24 @@ def harness_arguments(export_dir: str | Path) -> dict:
     return {"pretrained": str(export_dir), "dtype": "float32", "add_bos_token": True, "trust_remote_code": False}
 
 
+def check_bos_first(export_dir: str | Path) -> None:
+    """The harness asks for BOS only through the tokenizer's `add_bos_token` (harness_arguments), and
+    transformers 4.x's PreTrainedTokenizerFast, the class an export names, ignores it: requests would then
+    start without the BOS every training document starts with. Load the tokenizer as the harness does and
+    check that BOS comes first, rather than trust the version."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    args = harness_arguments(export_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args["pretrained"], add_bos_token=args["add_bos_token"],
+                                              trust_remote_code=False)
+    ids = tokenizer("def f():")["input_ids"]
+    if tokenizer.bos_token_id is None or not ids or ids[0] != tokenizer.bos_token_id:
+        raise UserError(f"{export_dir}: with transformers {transformers.__version__} its tokenizer does not put "
+                        f"BOS ({tokenizer.bos_token!r}) first, so benchmark requests would not start as training "
+                        "documents do; transformers 5 honours add_bos_token: pip install -U 'transformers>=5'")
+
+
 def run_benchmarks(export_dir: str | Path, tasks: list[str], output_dir: str | Path, num_fewshot: int = 0,
                    limit: int | None = None, batch_size: int = 8, device: str | None = None,
                    data_dir: str | Path | None = None) -> dict:
@@ -86,6 +104,7 @@ def run_benchmarks(export_dir: str | Path, tasks: list[str], output_dir: str | P
         if spec.endswith((".yaml", ".yml")) and not Path(spec).is_file():
             raise UserError(f"--tasks {spec}: task YAML file not found")
 
+    check_bos_first(export_dir)
     task_manager = _check_task_data(tasks, offline)
     args = harness_arguments(export_dir)
     try:
