@@ -31,7 +31,7 @@ from pipeline.train.optim import lr_at
 # What lr_at reads, besides the run's length: a change of any of them may move the learning rate.
 SCHEDULE_KEYS = ("max_steps", "max_tokens", "epochs", "lr", "min_lr", "warmup_steps", "schedule",
                  "decay_fraction", "decay_steps", "decay_shape")
-BRANCH_LOGS = ("train_log.tsv", "val_log.tsv", "spikes.tsv")
+BRANCH_LOGS = ("train_log.tsv", "val_log.tsv", "spikes.tsv", "perf_log.tsv")  # what a branch starts from
 
 
 def saved_schedule(train_config: dict) -> TrainParams:
