@@ -274,3 +274,14 @@ def test_minimind_directory_loads_as_minimind_writes_it(tiny_store, work):
     ids = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (model(ids)[0] - llama(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_config_takes_train_init_architecture_when_it_names_a_directory(work, llama_ok):
+    """What the DVC config stage relies on: with train.init set, `mm config` (no --preset, no --from) writes
+    the base model's architecture, the same model.json as --from."""
+    explicit, implicit = work / "explicit.json", work / "implicit.json"
+    ok(config_from(work, llama_ok, explicit))
+    ok(mm("config", "--out", implicit, "--tokenizer", llama_ok, "--params", work / "none.yaml",
+          "--set", f"train.init={llama_ok}", cwd=work))
+    assert json.loads(implicit.read_text()) == json.loads(explicit.read_text())
+    assert json.loads(implicit.read_text())["preset"] == f"from {llama_ok}"
