@@ -149,6 +149,8 @@ def _run_launcher(cmd: list[str]) -> int:
         # out as SIGTERM (a worker's second SIGINT would stop it mid-step); a second one kills at once.
         sent = signal.SIGKILL if signum == signal.SIGINT and signal.SIGINT in forwarded else (
             signal.SIGTERM if signum == signal.SIGINT else signum)
+        if sent == signal.SIGTERM and signum == signal.SIGINT:
+            os.write(2, b"\nCtrl-C: every rank finishes this step and saves (Ctrl-C again stops at once)\n")
         forwarded.append(signum)
         try:
             os.killpg(child.pid, sent)
