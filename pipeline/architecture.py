@@ -148,7 +148,8 @@ ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def training_memory(c: ModelConfig, micro_batch: int, seq_len: int, dtype: str = "fp32", optimizer: str = "adamw",
-                    device: str = "cpu", checkpointing: str = "none", fused_loss: bool = False) -> dict[str, int]:
+                    device: str = "cpu", checkpointing: str = "none", fused_loss: bool = False,
+                    spike_copy: bool = False) -> dict[str, int]:
     """Estimated peak bytes of one process's training tensors, by part, and their sum ("total").
 
     The peak of a step is during the backward pass: the persistent state (fp32
@@ -157,6 +158,7 @@ def training_memory(c: ModelConfig, micro_batch: int, seq_len: int, dtype: str =
     autocast precision (fp32 = no autocast). checkpointing="blocks" keeps each block's
     input only and recomputes one block at a time in the backward; fused_loss is the
     model's chunked LinearCrossEntropy (targets= in Transformer.forward) instead of full logits.
+    spike_copy: the loss-spike guard's copy of the weights and optimizer state (train.spike_action=rollback).
     """
     e = ACTIVATION_BYTES[dtype]
     counts = count_params(c)
@@ -188,6 +190,7 @@ def training_memory(c: ModelConfig, micro_batch: int, seq_len: int, dtype: str =
         "grads": 4 * n_params,
         "activations": blocks + head,
         "loss": fused_loss_bytes(tokens, c, e) if fused_loss else loss_bytes(tokens, c.vocab_size, e),
+        "spike_copy": 4 * n_params + optimizer_bytes if spike_copy else 0,  # pipeline/train/spike.py
     }
     parts["total"] = sum(parts.values())
     return parts

@@ -29,9 +29,9 @@ class ScheduleAndSpikeParams:
     """A resume whose schedule changes the learning rate of steps already taken: refuse (naming the ways out),
     or allow (the new schedule applies from the resumed step: the lr jumps there, said in a note). A branch
     into another out_dir is always allowed."""
-    spike_action: Literal["off", "rollback", "skip", "abort"] = "rollback"
+    spike_action: Literal["rollback", "skip", "abort", "none"] = "rollback"
     """On a loss spike: rollback (restore the last good weights and optimizer state, skip the data that led
-    there, go on), skip (drop that step's update), abort (exit 1), or off (no check)."""
+    there, go on), skip (drop that step's update), abort (exit 1), or none (no check)."""
     spike_factor: float = 2.0
     """A spike is a step loss above spike_factor × the median loss of the last spike_window steps."""
     spike_window: int = 50

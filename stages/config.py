@@ -103,13 +103,14 @@ def memory_rows(model_config, tp, seq_len: int) -> list[tuple[str, str]]:
     checkpointing = getattr(tp, "activation_checkpointing", "none")
     # fused_loss: training always computes its loss with the model's chunked LinearCrossEntropy.
     m = training_memory(model_config, tp.micro_batch_size, seq_len, dtype, tp.optimizer, device.type, checkpointing,
-                        fused_loss=True)
+                        fused_loss=True, spike_copy=getattr(tp, "spike_action", "none") == "rollback")
     mib = {k: f"{v / 2**20:,.0f}" for k, v in m.items()}
     optimizer = {"adamw": "AdamW", "muon": "Muon + AdamW"}.get(tp.optimizer, tp.optimizer)
     shape = f"micro-batch {tp.micro_batch_size} × {seq_len}, {dtype}, {optimizer}, checkpointing {checkpointing}"
     rows = [(f"peak train memory ({device.type})", f"{mib['total']} MiB for {shape}"),
             ("  of which", f"weights {mib['weights']}, optimizer {mib['optimizer']}, grads {mib['grads']}, "
-                           f"activations {mib['activations']}, loss {mib['loss']} MiB")]
+                           f"activations {mib['activations']}, loss {mib['loss']}"
+                           + (f", spike-guard copy {mib['spike_copy']}" if m["spike_copy"] else "") + " MiB")]
     if device.type == "cpu":
         rows.append(("  + runtime", f"~{CPU_RUNTIME_BYTES / 2**20:.0f} MiB (torch, Python) → RSS ≈ "
                                      f"{(m['total'] + CPU_RUNTIME_BYTES) / 2**20:,.0f} MiB"))

@@ -374,3 +374,20 @@ def test_schedule_change_rules():
     # An older checkpoint without train.schedule was cosine.
     from pipeline.train.branch import saved_schedule
     assert saved_schedule({"lr": 1e-3, "max_steps": 5}).schedule == "cosine"
+
+
+def test_spike_guard_keys_load_and_its_copy_is_in_the_memory_estimate():
+    from pipeline.architecture import count_params, training_memory
+
+    assert load_params(None, ["train.spike_action=none"]).train.spike_action == "none"  # a word YAML keeps a word
+    assert load_params(None, []).train.spike_action == "rollback"
+    for bad, words in (("train.spike_factor=1", ["train.spike_factor", "above 1"]),
+                       ("train.spike_window=0", ["train.spike_window"]),
+                       ("train.decay_fraction=1.5", ["train.decay_fraction"]),
+                       ("train.schedule=linear", ["train.schedule", "cosine, wsd, constant"])):
+        with pytest.raises(UserError) as e:
+            load_params(None, [bad])
+        assert all(w in str(e.value) for w in words), str(e.value)
+    c = build_config("tiny", 6400)
+    off, on = (training_memory(c, 16, 256, "bf16", "adamw", fused_loss=True, spike_copy=s) for s in (False, True))
+    assert on["spike_copy"] == 12 * count_params(c)["total"] and on["total"] - off["total"] == on["spike_copy"]

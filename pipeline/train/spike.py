@@ -89,7 +89,7 @@ class SpikeGuard:
         True when it was a spike: its gradients are dropped, so the optimizer step that follows changes
         nothing (after restoring the good state under rollback). Raises UserError under abort."""
         loss = run.loss
-        if self.action == "off" or not math.isfinite(loss):
+        if self.action == "none" or not math.isfinite(loss):
             return False
         if len(self.recent) == self.recent.maxlen:
             median = statistics.median(self.recent)
