@@ -569,6 +569,12 @@ def test_changed_weights_continue_each_source_and_count_what_was_trained(phased,
     state = load_checkpoint(root / "changed" / "ckpt.pth")
     assert {n: e["tokens_trained"] for n, e in state["data"]["sources"].items()} == metrics["tokens_by_source"]
     assert [s["start"] for s in state["data"]["segments"]] == [0, 100]
+    from pipeline.export.exporter import export_hf
+
+    card = (export_hf(state, root / "changed-export") / "README.md").read_text()
+    assert "The weights changed during training" in card and "from sample 100: three=0.1 other=0.9" in card
+    for n, c in total.items():
+        assert f"| {n} | {state['data']['sources'][n]['weight']:.3f} | {32 * c:,} |" in card, card
     # No window twice within a pass: each source's windows, in the order trained, repeat only after
     # all of that source's windows were visited.
     opened = open_store(store, sources=["three", "other"])
@@ -619,7 +625,11 @@ def test_shipped_default_reads_the_stores_own_sources_until_params_name_one(stor
     named = load_params(None, ["data.sources.other.weight=1", "data.sources.sample.weight=0"])
     data = open_train_data(store, source_weights(named), tp, notes.append)
     assert data.names == ["other"] and "(chosen by data.sources)" in data.summary(10, 8)
-    assert not any("shipped" in n for n in notes)
+    assert notes == [f"note: {store} also holds one, three (not in data.sources): not read"]
+    notes.clear()
+    open_train_data(store, source_weights(load_params(None, ["data.sources.other.weight=1", "data.sources.one.weight=0",
+                                                             "data.sources.sample.weight=0"])), tp, notes.append)
+    assert notes == [f"note: {store} also holds three (not in data.sources); one (weight 0): not read"]
     # Any change to the shipped entry is a choice too: sample is then required.
     with pytest.raises(UserError, match="no source sample in the store"):
         open_train_data(store, source_weights(load_params(None, ["data.sources.sample.weight=0.5"])), tp, print)

@@ -132,3 +132,13 @@ def pick_sources(weights: dict, in_store: list[str]) -> tuple[dict[str, float], 
             f"sample: data.sources is the shipped default; name sources there (or --set "
             f"data.sources.NAME.weight=W) to choose")
     return {name: w for name, w in weights.items() if w > 0}, ""
+
+
+def unread_note(store, ignored: list[str], weights: dict) -> str:
+    """The line naming the store's sources a run leaves unread, and why ("" when none): params name
+    others, or give them weight 0."""
+    zero = [name for name in ignored if name in weights]
+    other = [name for name in ignored if name not in weights]
+    why = ([f"{', '.join(other)} (not in data.sources)"] if other else []) + (
+        [f"{', '.join(zero)} (weight 0)"] if zero else [])
+    return f"note: {store} also holds {'; '.join(why)}: not read" if why else ""

@@ -31,7 +31,7 @@ def evaluate_model(model_path, store_path, seq_len: int, batches: int, batch_siz
     `batches` × `batch_size` windows per source (0 = all). `weights`: data.sources' (`source_weights`;
     None = every source of the store at weight 1). `note(line)` hears which sources the shipped-default
     rule chose. `device`: None/"auto", "cpu" or "cuda" (`hardware.pick_device`; anything else is a UserError)."""
-    from pipeline.data.sources import pick_sources
+    from pipeline.data.sources import pick_sources, unread_note
     from pipeline.data.store.reader import open_store
     from pipeline.export.loading import load_model
     from pipeline.hardware import pick_device
@@ -40,12 +40,16 @@ def evaluate_model(model_path, store_path, seq_len: int, batches: int, batch_siz
         raise UserError("eval: seq_len and batch_size must be positive, batches >= 0")
     device = pick_device(device, local_rank=0)
     in_store = list(open_store(store_path).sources)
-    chosen, why = pick_sources(weights if weights is not None else dict.fromkeys(in_store, 1.0), in_store)
+    chosen_from = weights if weights is not None else dict.fromkeys(in_store, 1.0)
+    chosen, why = pick_sources(chosen_from, in_store)
     if why and note is not None:
         note(why)
     if not chosen:
         raise UserError("data.sources: every weight is 0; at least one source must have a positive weight")
-    store = open_store(store_path, sources=list(chosen), note=None if why else note)
+    store = open_store(store_path, sources=list(chosen))
+    unread = "" if why else unread_note(store.path, store.ignored, chosen_from)
+    if unread and note is not None:
+        note(unread)
     loaded = load_model(model_path, device=device)
     _check_match(loaded, model_path, store, store_path, seq_len)
     # A checkpoint trained with document attention or positions is scored that way, as training's

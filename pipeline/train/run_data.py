@@ -31,7 +31,7 @@ import numpy as np
 
 from pipeline.data.mixture import Schedule, Segment, phase_segments, resumed
 from pipeline.data.sampler import MixtureSampler, SourceSplit, Windows
-from pipeline.data.sources import Weights, pick_sources
+from pipeline.data.sources import Weights, pick_sources, unread_note
 from pipeline.data.sources import source_weights as weights_of_sources
 from pipeline.data.store.reader import TokenStore, open_store
 from pipeline.errors import UserError
@@ -153,7 +153,10 @@ def open_train_data(store_path: str | Path, weights: dict[str, float], tp: Train
         raise UserError("data.sources: every weight is 0; at least one source must have a positive weight")
     if why:
         note(why)
-    store = open_store(store_path, sources=list(drawn), note=None if why else note)
+    store = open_store(store_path, sources=list(drawn))
+    unread = "" if why else unread_note(store.path, store.ignored, weights)  # the rule's line says it all
+    if unread:
+        note(unread)
     check_text_fields(store, getattr(weights, "text_fields", {}))
     names = list(store.sources)
     for name in names:
