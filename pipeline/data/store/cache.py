@@ -12,10 +12,11 @@ it arrived, is shared by every store and process holding that chunk, and is
 never stale, so an empty cache (another machine, a wiped disk) and a warm one
 give the same bytes.
 
-Bound: after each download the least recently used files are deleted until
-the directory holds at most `data.cache_gb` (the file just fetched stays, even
-alone over the bound). A process keeps a deleted file's mapping only while a
-batch being built still reads it.
+Bound: before a downloaded file is put in place, the least recently used files
+are deleted until it fits under `data.cache_gb`, so the directory never holds
+more (only a single chunk larger than the bound exceeds it; processes sharing
+a directory can overshoot by a chunk each for a moment). An evicted file's
+mapping stays valid while a batch being built still reads it.
 
 Prefetch: `Prefetcher` wraps the sampler; when step s's batches are asked for,
 a background thread builds (and drops) the batches of steps s+1 .. s+PREFETCH_STEPS
@@ -77,43 +78,40 @@ class ChunkCache:
         self.downloads = 0
 
     def map(self, url, sha: str, dtype: np.dtype, count: int) -> np.ndarray:
-        """The chunk at `url` (a RemotePath) whose sha256 is `sha`, memory-mapped from the cache."""
-        with self.lock:
-            m = self.maps.get(sha)
-            if m is not None:
-                self.maps.move_to_end(sha)
-                self.used[sha] = time.time()
-                return m
-        file = self._ensure(url, sha)
-        m = np.memmap(file, dtype=dtype, mode="r", shape=(count,))
-        with self.lock:
-            self.maps[sha] = m
-            self.used[sha] = time.time()
-        return m
-
-    def _ensure(self, url, sha: str) -> Path:
-        """The cache file of `sha`, downloaded unless present; one download per chunk at a time."""
+        """The chunk at `url` (a RemotePath) whose sha256 is `sha`, memory-mapped from the cache;
+        downloaded first unless present, one download per chunk at a time."""
         file = self.dir / sha
         while True:
             with self.lock:
+                m = self.maps.get(sha)
+                if m is None and sha not in self.inflight and file.is_file():
+                    os.utime(file)  # recently used, for other processes sharing the directory
+                    m = self._map(file, sha, dtype, count)
+                if m is not None:
+                    self.maps.move_to_end(sha)
+                    self.used[sha] = time.time()
+                    return m
                 event = self.inflight.get(sha)
-                if event is None:
-                    if file.is_file():
-                        os.utime(file)  # recently used, for other processes sharing the directory
-                        return file
+                mine = event is None
+                if mine:
                     event = self.inflight[sha] = threading.Event()
-                    break
-            event.wait()  # another thread is fetching it: use its file (or fetch again if it failed)
-        try:
-            self._download(url, sha, file)
-        finally:
-            with self.lock:
-                del self.inflight[sha]
-            event.set()
-        self._evict(keep=sha)
-        return file
+            if not mine:  # another thread is fetching it: use its file (or fetch again if that failed)
+                event.wait()
+                continue
+            try:
+                self._download(url, sha, file, dtype, count)
+            finally:
+                with self.lock:
+                    del self.inflight[sha]
+                event.set()
 
-    def _download(self, url, sha: str, file: Path) -> None:
+    def _map(self, file: Path, sha: str, dtype: np.dtype, count: int) -> np.ndarray:
+        """Map a cache file (lock held). A mapping stays valid after the file is evicted, so a
+        batch being built never loses its chunk; the disk space returns when it is dropped."""
+        m = self.maps[sha] = np.memmap(file, dtype=dtype, mode="r", shape=(count,))
+        return m
+
+    def _download(self, url, sha: str, file: Path, dtype: np.dtype, count: int) -> None:
         for _ in range(2):  # a mismatch is fetched once more: a torn or corrupted transfer heals
             data = url.read_bytes()
             if hashlib.sha256(data).hexdigest() == sha:
@@ -124,31 +122,32 @@ class ChunkCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".{sha}.{os.getpid()}.{threading.get_ident()}"
         tmp.write_bytes(data)
-        os.replace(tmp, file)  # whole or absent: a reader never maps half a chunk
-        self.downloads += 1
+        with self.lock:  # room first, then the file: the directory never holds more than the bound
+            self._evict(room=len(data))
+            os.replace(tmp, file)  # whole or absent: a reader never maps half a chunk
+            self._map(file, sha, dtype, count)
+            self.downloads += 1
 
-    def _evict(self, keep: str) -> None:
-        """Delete least recently used files until the directory holds at most max_bytes."""
-        with self.lock:
-            files = []
-            for f in self.dir.iterdir():
-                if f.name.startswith("."):
-                    continue
-                try:
-                    st = f.stat()
-                except FileNotFoundError:  # another process evicted it meanwhile
-                    continue
-                files.append((self.used.get(f.name, st.st_mtime), f, st.st_size))
-            total = sum(size for _, _, size in files)
-            for _, f, size in sorted(files, key=lambda x: x[0]):
-                if total <= self.max_bytes:
-                    break
-                if f.name == keep or f.name in self.inflight:
-                    continue
-                f.unlink(missing_ok=True)
-                self.maps.pop(f.name, None)
-                self.used.pop(f.name, None)
-                total -= size
+    def _evict(self, room: int) -> None:
+        """Delete least recently used files until the directory has `room` bytes left under
+        max_bytes (lock held)."""
+        files = []
+        for f in self.dir.iterdir():
+            if f.name.startswith("."):
+                continue
+            try:
+                st = f.stat()
+            except FileNotFoundError:  # another process evicted it meanwhile
+                continue
+            files.append((self.used.get(f.name, st.st_mtime), f, st.st_size))
+        total = sum(size for _, _, size in files)
+        for _, f, size in sorted(files, key=lambda x: x[0]):
+            if total + room <= self.max_bytes:
+                break
+            f.unlink(missing_ok=True)
+            self.maps.pop(f.name, None)
+            self.used.pop(f.name, None)
+            total -= size
 
     def size(self) -> int:
         """Bytes of chunk files in the cache directory now."""
@@ -162,6 +161,7 @@ class RemoteChunks:
 
     def __init__(self, array_dir, n_chunks: int, chunk_len: int, dtype: np.dtype, hashes: dict[int, str]):
         self.dir, self.n, self.chunk_len, self.dtype, self.hashes = array_dir, n_chunks, chunk_len, dtype, hashes
+        self.cache = ChunkCache.current()  # looked up once: a view indexes element by element
         missing = [i for i in range(n_chunks) if i not in hashes]
         if missing:
             raise UserError(f"{array_dir / 'c' / str(missing[0])}: no sha256 recorded in its part; a remote "
@@ -173,7 +173,7 @@ class RemoteChunks:
     def __getitem__(self, c: int) -> np.ndarray:
         if not 0 <= c < self.n:
             raise IndexError(c)
-        return ChunkCache.current().map(self.dir / "c" / str(c), self.hashes[c], self.dtype, self.chunk_len)
+        return self.cache.map(self.dir / "c" / str(c), self.hashes[c], self.dtype, self.chunk_len)
 
 
 class Prefetcher:
