@@ -174,3 +174,20 @@ def test_unknown_or_missing_tracker_is_one_line_before_any_work(tmp_path, monkey
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(UserError, match=r"wandb is not installed; install it with: pip install 'mm\[wandb\]'"):
         check_trackers(["tensorboard", "wandb"])
+
+
+def test_wandb_online_resume_asks_for_a_rewind_wandb_accepts():
+    """Online, a resume asks W&B to rewind the run to the checkpoint's step (`resume_from`), so values an
+    earlier invocation logged after that step do not stay; the arguments are ones wandb's own settings
+    accept (resume_from and resume are exclusive there). The rewind itself needs a W&B server."""
+    import wandb
+
+    from pipeline.train.trackers import wandb_resume
+
+    moment = wandb.Settings(**wandb_resume("abc12345", 20, offline=False)).resume_from
+    assert (moment.run, moment.value, moment.metric) == ("abc12345", 20, "_step")
+    for args in (wandb_resume("abc12345", 20, offline=True), wandb_resume("abc12345", 20, False, rewind=False),
+                 wandb_resume("abc12345", 0, offline=False)):
+        settings = wandb.Settings(run_id=args["id"], resume=args["resume"])
+        assert (settings.run_id, settings.resume, settings.resume_from) == ("abc12345", "allow", None)
+    assert wandb.Settings(run_id=wandb_resume(None, 0, offline=False)["id"]).run_id  # a new id

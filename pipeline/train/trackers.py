@@ -19,8 +19,13 @@ killed and resumed:
                set. Offline, every invocation is a fragment directory of the
                same run id: earlier fragments move to out/superseded/wandb/ and
                the history is re-logged, so `wandb sync out/wandb` uploads one
-               clean curve. Online, W&B continues the run id (resume="allow")
-               and ignores steps at or below the last one it has.
+               clean curve. Online, a resume rewinds the run to the resumed step
+               (W&B's resume_from: what a killed invocation logged after its
+               checkpoint is archived by W&B, and the new values take those
+               steps); where the server refuses a rewind (a preview feature; a
+               run not yet marked crashed) it says so and continues the run id
+               (resume="allow"), and W&B then ignores steps at or below the last
+               one it holds (docs/training.md).
   swanlab      offline mode (`swanlab sync` uploads a run directory) unless
                SWANLAB_MODE is set (local: the `swanlab watch` dashboard, which
                needs swanlab[dashboard]); out/swanlog/ unless SWANLAB_LOG_DIR is
@@ -151,13 +156,21 @@ class WandB(Tracker):
         if run_id is not None and offline and root.is_dir():
             self._supersede(sorted(root.glob(f"offline-run-*-{run_id}")), root)
         root.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT") or self.project, name=self.run_name,
-            id=run_id or new_run_id(), resume="allow", dir=str(base), config=self.config,
-            mode=None if os.environ.get("WANDB_MODE") else "offline",
-            settings=wandb.Settings(quiet=True, console="off"),  # mm prints its own progress
-        )
-        return self.run.id, fresh
+        common = dict(project=os.environ.get("WANDB_PROJECT") or self.project, name=self.run_name, dir=str(base),
+                      config=self.config, mode=None if os.environ.get("WANDB_MODE") else "offline",
+                      settings=wandb.Settings(quiet=True, console="off"))  # mm prints its own progress
+        rewind = wandb_resume(run_id, start_step, offline)
+        if "resume_from" in rewind:
+            try:
+                self.run = wandb.init(**common, **rewind)
+                return self.run.id, False  # steps 1..start_step stay on the server, the rest was archived
+            except Exception as e:  # the server has no rewind, or the run is not yet marked crashed
+                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
+                print(f"warning: W&B could not rewind run {run_id} to step {start_step} ({reason}); continuing it "
+                      f"instead: W&B keeps what it holds after step {start_step} and ignores those steps now",
+                      file=sys.stderr, flush=True)
+        self.run = wandb.init(**common, **wandb_resume(run_id, start_step, offline, rewind=False))
+        return self.run.id, fresh or not self.run.resumed
 
     # W&B keeps one row per step open until a later step arrives (or the run finishes), so the
     # samples logged after the last step's metrics join that step instead of being refused.
@@ -172,6 +185,14 @@ class WandB(Tracker):
     def finish(self, summary):
         self.run.summary.update({f"final/{k}": v for k, v in summary.items() if v is not None})
         self.run.finish()
+
+
+def wandb_resume(run_id: str | None, start_step: int, offline: bool, rewind: bool = True) -> dict:
+    """wandb.init's run arguments: a new run; offline, a fragment of the run id (the history re-logged);
+    online at a resumed step, a rewind to it (`resume_from`, which W&B allows only without `resume`)."""
+    if run_id is not None and not offline and start_step and rewind:
+        return {"resume_from": f"{run_id}?_step={start_step}"}  # W&B keeps steps up to and including it
+    return {"id": run_id or new_run_id(), "resume": "allow"}
 
 
 # ---------------------------------------------------------------------------
