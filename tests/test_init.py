@@ -242,6 +242,12 @@ def test_vocabulary_and_architecture_mismatches_name_both_sides(tiny_store, work
                                                   "norm_eps": 1e-6, "rope_theta": 1e4, "max_seq_len": 256}))
     with pytest.raises(UserError, match="embedding has 2048 rows.*vocab_size 512"):
         init_weights(small, big, "unused")
+    with pytest.raises(UserError, match="tokenizer.json differs from the run's tokenizer"):
+        init_weights(Transformer(build_config("tiny", 1024, {"dim": 64, "n_layers": 2, "head_dim": 16,
+                                                             "hidden_dim": 128, "norm_eps": 1e-6, "rope_theta": 1e4,
+                                                             "max_seq_len": 256})), llama_ok, "0" * 64)
+    with pytest.raises(UserError, match="train.init .*nope: not found"):
+        init_weights(small, work / "nope", "unused")
 
 
 def test_minimind_directory_loads_as_minimind_writes_it(tiny_store, work):
