@@ -89,6 +89,8 @@ class _DelayProxy:
         self.target, self.delay = target, delay
         self.sock = socket.create_server(("127.0.0.1", port))
         self.requests = 0
+        self.garble: str | None = None  # the next GET whose path holds this gets its body's first byte flipped
+        self.garbled = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -102,15 +104,21 @@ class _DelayProxy:
             except OSError:  # the server is stopped: the client sees the connection close
                 client.close()
                 continue
-            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+            state = {"flip": False}  # shared by the two directions of one connection
+            threading.Thread(target=self._pipe, args=(client, upstream, True, state), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False, state), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, delayed: bool) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, delayed: bool, state: dict) -> None:
         try:
             while data := src.recv(1 << 16):
                 if delayed and data[:4] in (b"GET ", b"PUT ", b"HEAD", b"POST", b"DELE"):
                     self.requests += 1
+                    line = data.split(b"\r\n", 1)[0].decode("latin-1")
+                    if self.garble and line.startswith("GET ") and self.garble in line:
+                        self.garble, state["flip"] = None, True
                     time.sleep(self.delay)  # a new request: one round trip of latency
+                elif not delayed and state["flip"]:
+                    data = self._flip_body_byte(data, state)
                 dst.sendall(data)
         except OSError:
             pass
@@ -121,6 +129,17 @@ class _DelayProxy:
                 except OSError:
                     pass
                 s.close()
+
+    def _flip_body_byte(self, data: bytes, state: dict) -> bytes:
+        """The response's first body byte flipped (a transfer garbled in transit; the length stays)."""
+        end = data.find(b"\r\n\r\n")
+        at = 0 if state.get("in_body") else (end + 4 if end >= 0 else -1)
+        if at < 0 or at >= len(data):
+            state["in_body"] = end >= 0
+            return data
+        state["flip"] = state["in_body"] = False
+        self.garbled += 1
+        return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
 
     def close(self) -> None:
         self.sock.close()

@@ -13,7 +13,8 @@ What the tests show:
                       server back: `mm train` resumes and ends on the uninterrupted run's curve
   upload killed       halfway (SIGKILL): no part looks complete to a reader; rerunning completes it,
                       byte-identical again
-  damaged chunk       a chunk whose bytes differ from its recorded sha256 is refetched once, then refused
+  damaged chunk       a chunk whose bytes differ from its recorded sha256 is refetched once, then refused;
+                      a transfer garbled once (by a proxy) is healed by the second fetch
   no extra / errors   a missing object or bucket is one line naming the URL
 """
 
@@ -294,6 +295,29 @@ def test_a_damaged_chunk_is_refused_naming_it(s3, work, tiny_store, stores):
     assert all(hashlib.sha256(f.read_bytes()).hexdigest() == f.name for f in kept)
     r = mm("verify", f"s3://{BUCKET}/damaged.zarr", env=env_for(s3, work))
     assert_user_error(r, "train/tokens/c/0", "sha256 differs", alone=False)
+
+
+def test_a_chunk_garbled_in_transit_is_fetched_again(s3, work, stores):
+    from pipeline.data.store import cache
+    from pipeline.data.store.reader import open_store
+
+    c = s3.client()
+    for key in s3.keys(BUCKET, "tokens.zarr/"):
+        c.copy_object(Bucket=BUCKET, Key=key.replace("tokens.zarr/", "garbled.zarr/", 1),
+                      CopySource={"Bucket": BUCKET, "Key": key})
+    proxied = S3Server(latency_s=0.001).start()  # the same objects, through a proxy that garbles one transfer
+    saved = os.environ["AWS_ENDPOINT_URL"]
+    os.environ["AWS_ENDPOINT_URL"] = proxied.endpoint  # for the client of this new URL
+    try:
+        cache.configure(work / "cache_garbled", 1.0)
+        store = open_store(f"s3://{BUCKET}/garbled.zarr")
+        proxied.proxy.garble = "garbled.zarr/sample/part-00000-of-00001/train/tokens/c/0"
+        got = store.train.tokens[0:1000]
+        assert proxied.proxy.garbled == 1  # the first transfer was garbled; the second one was used
+        assert (got == open_store(stores["local"]).train.tokens[0:1000]).all()
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = saved
+        proxied.close()
 
 
 @pytest.mark.parametrize("url, needle", [
