@@ -82,8 +82,10 @@ def _file_kind(path: Path) -> str | None:
 
 def _failed(e: UserError, fallback: Path, check: str) -> Row:
     """A Row from a UserError, whose message starts with the path it is about."""
+    from pipeline.data.store.remote import location
+
     where, sep, reason = str(e).partition(": ")
-    return Row(Path(where) if sep else fallback, check, False, reason if sep else str(e))
+    return Row(location(where) if sep else fallback, check, False, reason if sep else str(e))  # a Path or URL
 
 
 # ---------------------------------------------------------------------------

@@ -295,6 +295,9 @@ def test_a_damaged_chunk_is_refused_naming_it(s3, work, tiny_store, stores):
     assert all(hashlib.sha256(f.read_bytes()).hexdigest() == f.name for f in kept)
     r = mm("verify", f"s3://{BUCKET}/damaged.zarr", env=env_for(s3, work))
     assert_user_error(r, "train/tokens/c/0", "sha256 differs", alone=False)
+    c.delete_object(Bucket=BUCKET, Key=chunk)
+    r = mm("verify", f"s3://{BUCKET}/damaged.zarr", env=env_for(s3, work))
+    assert_user_error(r, f"s3://{BUCKET}/{chunk}: chunk file missing", alone=False)
 
 
 def test_a_chunk_garbled_in_transit_is_fetched_again(s3, work, stores):
