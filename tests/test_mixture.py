@@ -569,6 +569,12 @@ def test_changed_weights_continue_each_source_and_count_what_was_trained(phased,
     state = load_checkpoint(root / "changed" / "ckpt.pth")
     assert {n: e["tokens_trained"] for n, e in state["data"]["sources"].items()} == metrics["tokens_by_source"]
     assert [s["start"] for s in state["data"]["segments"]] == [0, 100]
+    from pipeline.export.exporter import export_hf
+
+    card = (export_hf(state, root / "changed-export") / "README.md").read_text()
+    assert "The weights changed during training" in card and "from sample 100: three=0.1 other=0.9" in card
+    for n, c in total.items():
+        assert f"| {n} | {state['data']['sources'][n]['weight']:.3f} | {32 * c:,} |" in card, card
     # No window twice within a pass: each source's windows, in the order trained, repeat only after
     # all of that source's windows were visited.
     opened = open_store(store, sources=["three", "other"])

@@ -173,16 +173,17 @@ class Schedule:
 
 def resumed(history: list[Segment], plan: list[Segment], at: int) -> list[Segment]:
     """The segments of a run resumed at global sample `at`: the checkpoint's segments before `at`
-    (what was trained), then the plan's from `at` on. A plan whose mix at `at` is the one running
-    continues that segment (no restart, so an unchanged resume is exact); another mix starts a
-    segment at `at`, and each source carries on from its consumed position."""
+    (what was trained), then the plan's from `at` on. A plan whose mix at `at` is the one the
+    checkpoint's run had there continues that run's segment (no restart, also when that segment
+    starts exactly at `at`, so an unchanged resume is exact); another mix starts a segment at `at`,
+    and each source carries on from its consumed position."""
     if at <= 0 or not history:
         return list(plan)
-    past = [s for s in history if s.start < at]
+    running = [s for s in history if s.start <= at]
     current = [s for s in plan if s.start <= at][-1]
-    if current.mix != past[-1].mix:
-        past.append(Segment(at, current.weights))
-    return past + [s for s in plan if s.start > at]
+    if current.mix != running[-1].mix:
+        running = [s for s in running if s.start < at] + [Segment(at, current.weights)]
+    return running + [s for s in plan if s.start > at]
 
 
 def phase_segments(phases: list[dict], names: list[str], total_steps: int, global_batch: int) -> list[Segment]:

@@ -89,12 +89,18 @@ def _sources_table(state: dict) -> str:
         share = e.get("weight") / total if total else None
         lines.append(f"| {name} | {_fmt(share, '.3f')} | {_count(e.get('tokens_trained'))} | "
                      f"{_count(e.get('train_tokens'))} | {_fmt(losses.get(name))} | {_fmt(bpbs.get(name))} |")
+    data = state.get("data") or {}
+    changed = ""
+    if len(data.get("segments") or []) > 1:  # data.phases, or a resume with other weights
+        changed = ("The weights changed during training; the weight column is the mixture at the checkpoint's\n"
+                   "step, and tokens trained on are what each source gave over the whole run. By segment (from\n"
+                   f"global sample): {data.get('data_mixture', 'n/a')}.\n\n")
     return ("\n## Training data\n\n"
             "Tokens trained on: the input tokens of the training windows drawn from each source, in the\n"
             "mixture's proportions, up to the checkpoint's step. Validation: the source's val split, scored\n"
             "as `mm eval` scores it. The overall figures above are the mixture's: the weight-averaged loss,\n"
             "and bits per byte from it and the weight-averaged bytes per token.\n\n"
-            + "\n".join(lines) + "\n")
+            + changed + "\n".join(lines) + "\n")
 
 
 def _rows(state: dict, config: ModelConfig, doc: dict, dtype: str) -> list[tuple[str, str]]:
