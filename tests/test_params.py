@@ -66,3 +66,23 @@ def test_global_batch_is_computed_in_one_place():
 def test_dry_run_sees_the_checks(tmp_path):
     r = mm("train", "--dry-run", "--procs", "2", "--set", "train.warmup_steps=-1", cwd=tmp_path)
     assert_user_error(r, "--set", "train.warmup_steps must not be negative")
+
+
+@pytest.mark.parametrize("phases, words", [
+    ("[{until: 1.5, weights: {sample: 1}}]", ["p.yaml: data.phases[0].until", "1.5"]),
+    ("[{until: 0.8, weights: {web: 1}}]", ["data.phases[0].weights.web", "not a source of data.sources"]),
+    ("[{until: 0.8, weights: {sample: 0}}]", ["data.phases[0].weights", "all 0"]),
+    ("[{until: 0.8, weights: {sample: 1}}, {until: 0.5, weights: {sample: 2}}]", ["data.phases[1].until", "after"]),
+    ("[{until: 0.8}]", ["data.phases[0]", "until and weights"]),
+    ("{until: 0.8}", ["data.phases", "list"]),
+])
+def test_data_phases_are_checked_naming_the_phase(tmp_path, phases, words):
+    path = tmp_path / "p.yaml"
+    path.write_text(f"data:\n  phases: {phases}\n")
+    with pytest.raises(UserError) as e:
+        load_params(path)
+    for word in words:
+        assert word in str(e.value), str(e.value)
+    good = "[{until: 0.8, weights: {sample: 0.9}}, {until: 1.0, weights: {sample: 1}}]"
+    path.write_text(f"data:\n  phases: {good}\n")
+    assert load_params(path).data.phases[1] == {"until": 1.0, "weights": {"sample": 1}}
