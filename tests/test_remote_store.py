@@ -4,7 +4,8 @@ tests/s3_server.py), through the real CLI in subprocesses.
 What the tests show:
   tokenize + verify   `mm tokenize ... --out s3://mmtokens/tokens.zarr`, then `mm verify` on the URL:
                       exit 0, and every object byte-identical to a local `mm tokenize` of the same input
-  same losses         `mm train --data s3://...` for 30 fp32 steps == the same run on the local store,
+  same losses         `mm train --data s3://...` for 30 fp32 steps == the same run on the local store
+                      (and no credential in any file of the run directory),
                       row for row of train_log.tsv (and val_log.tsv); with 2 processes (each rank
                       fetching its own windows' chunks) == 2 processes on the local store
   cache bound         a store of many small chunks read with data.cache_gb far below its size: the
@@ -153,6 +154,10 @@ def test_training_on_s3_equals_the_local_store(s3, work, tiny_store, stores, loc
     assert log_rows(out) == log_rows(local_run)
     assert log_rows(out, "val_log.tsv") == log_rows(local_run, "val_log.tsv")
     assert any((work / "cache").iterdir())  # it did read through the cache
+    secrets = [s3.env()["AWS_SECRET_ACCESS_KEY"].encode(), s3.env()["AWS_ACCESS_KEY_ID"].encode()]
+    written = [p for p in out.rglob("*") if p.is_file()]  # logs, metrics.json, checkpoints
+    assert any(p.name == "metrics.json" for p in written) and any(p.suffix == ".pth" for p in written)
+    assert not [p for p in written for secret in secrets if secret in p.read_bytes()]
 
 
 
