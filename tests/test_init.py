@@ -136,6 +136,11 @@ def test_round_trip_through_training_is_exact(kind, trained, tiny_store, work):
     ids = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(1))
     before, after = hf_logits(source, ids), hf_logits(again, ids)
     assert (after - before).abs().max().item() <= 1e-5
+    # And mm itself computed that function while training (a table wrong both ways would pass the above).
+    from pipeline.export.loading import load_model
+
+    with torch.no_grad():
+        assert (load_model(out / "ckpt.pth").model(ids)[0] - before).abs().max().item() <= 1e-5
 
 
 # ---------------------------------------------------------------------------
@@ -291,3 +296,35 @@ def test_config_takes_train_init_architecture_when_it_names_a_directory(work, ll
           "--set", f"train.init={llama_ok}", cwd=work))
     assert json.loads(implicit.read_text()) == json.loads(explicit.read_text())
     assert json.loads(implicit.read_text())["preset"] == f"from {llama_ok}"
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe"])
+def test_newer_minimind_with_qk_norm_and_experts(kind, tiny_store, work):
+    """MiniMind's newer config (head_dim, QK-norm always, num_experts / moe_intermediate_size) over weights as
+    its save_pretrained names them: read as the Qwen3 (MoE) model computing the same function."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.export.hf_import import load_into, open_hf_dir
+    from pipeline.model.transformer import Transformer
+
+    src = work / f"ref-{kind}" if (work / f"ref-{kind}").is_dir() else reference(kind, tiny_store.tokenizer,
+                                                                                 work / f"mm3-{kind}")
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    d = work / f"minimind3-{kind}"
+    shutil.copytree(src, d, dirs_exist_ok=True)
+    moe = kind == "qwen3_moe"
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["MiniMindForCausalLM"], "model_type": "minimind", "hidden_size": 64, "num_hidden_layers": 2,
+        "use_moe": moe, "dropout": 0.0, "vocab_size": 1024, "bos_token_id": 1, "eos_token_id": 2, "flash_attn": True,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "hidden_act": "silu",
+        "intermediate_size": 128, "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 1e4,
+        "tie_word_embeddings": True, "inference_rope_scaling": False, "rope_scaling": None, "num_experts": 4,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True, "router_aux_loss_coef": 5e-4,
+        "dtype": "float32", "transformers_version": "5.0.0"}))
+    hf = open_hf_dir(d)
+    assert hf.model_type == "minimind" and hf.config.qk_norm and hf.config.n_experts == (4 if moe else 0)
+    model = Transformer(hf.config).eval()
+    load_into(model, hf)
+    ids = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(ids)[0] - ref(ids).logits).abs().max().item() <= 1e-5
