@@ -16,7 +16,10 @@ Bound: before a downloaded file is put in place, the least recently used files
 are deleted until it fits under `data.cache_gb`, so the directory never holds
 more (only a single chunk larger than the bound exceeds it; processes sharing
 a directory can overshoot by a chunk each for a moment). An evicted file's
-mapping stays valid while a batch being built still reads it.
+mapping stays valid while a batch being built still reads it, and each array
+keeps the chunk it read last mapped (so reading element by element skips the
+cache's bookkeeping): the disk holds at most that one evicted chunk per array
+beyond the bound.
 
 Prefetch: `Prefetcher` wraps the sampler; when step s's batches are asked for,
 a background thread builds (and drops) the batches of steps s+1 .. s+PREFETCH_STEPS
@@ -162,6 +165,7 @@ class RemoteChunks:
     def __init__(self, array_dir, n_chunks: int, chunk_len: int, dtype: np.dtype, hashes: dict[int, str]):
         self.dir, self.n, self.chunk_len, self.dtype, self.hashes = array_dir, n_chunks, chunk_len, dtype, hashes
         self.cache = ChunkCache.current()  # looked up once: a view indexes element by element
+        self.last: tuple[int, np.ndarray] | None = None  # the chunk read last: element reads skip the cache
         missing = [i for i in range(n_chunks) if i not in hashes]
         if missing:
             raise UserError(f"{array_dir / 'c' / str(missing[0])}: no sha256 recorded in its part; a remote "
@@ -171,9 +175,14 @@ class RemoteChunks:
         return self.n
 
     def __getitem__(self, c: int) -> np.ndarray:
+        last = self.last
+        if last is not None and last[0] == c:  # kept mapped even if evicted meanwhile: the bytes stay valid
+            return last[1]
         if not 0 <= c < self.n:
             raise IndexError(c)
-        return self.cache.map(self.dir / "c" / str(c), self.hashes[c], self.dtype, self.chunk_len)
+        m = self.cache.map(self.dir / "c" / str(c), self.hashes[c], self.dtype, self.chunk_len)
+        self.last = (c, m)
+        return m
 
 
 class Prefetcher:
