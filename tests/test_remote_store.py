@@ -5,7 +5,8 @@ What the tests show:
   tokenize + verify   `mm tokenize ... --out s3://mmtokens/tokens.zarr`, then `mm verify` on the URL:
                       exit 0, and every object byte-identical to a local `mm tokenize` of the same input
   same losses         `mm train --data s3://...` for 30 fp32 steps == the same run on the local store
-                      (and no credential in any file of the run directory),
+                      (and no credential in any file of the run directory), and `mm eval --data`
+                      on the URL gives the local store's val loss,
                       row for row of train_log.tsv (and val_log.tsv); with 2 processes (each rank
                       fetching its own windows' chunks) == 2 processes on the local store
   cache bound         a store of many small chunks read with data.cache_gb far below its size: the
@@ -22,6 +23,7 @@ What the tests show:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -154,6 +156,13 @@ def test_training_on_s3_equals_the_local_store(s3, work, tiny_store, stores, loc
     assert log_rows(out) == log_rows(local_run)
     assert log_rows(out, "val_log.tsv") == log_rows(local_run, "val_log.tsv")
     assert any((work / "cache").iterdir())  # it did read through the cache
+    evals = {}
+    for name, data in (("local", stores["local"]), ("s3", URL)):  # mm eval --data URL scores the same windows
+        r = mm("eval", out / "ckpt.pth", "--data", data, "--out", work / f"eval_{name}.json", "--seq-len", "32",
+               *sets(f"data.cache_dir={work / 'cache'}"), env=env_for(s3, work))
+        assert r.returncode == 0, r.stderr[-3000:]
+        evals[name] = json.loads((work / f"eval_{name}.json").read_text())
+    assert evals["s3"]["val_loss"] == evals["local"]["val_loss"] and evals["s3"]["data"] == URL
     secrets = [s3.env()["AWS_SECRET_ACCESS_KEY"].encode(), s3.env()["AWS_ACCESS_KEY_ID"].encode()]
     written = [p for p in out.rglob("*") if p.is_file()]  # logs, metrics.json, checkpoints
     assert any(p.name == "metrics.json" for p in written) and any(p.suffix == ".pth" for p in written)
