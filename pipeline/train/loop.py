@@ -60,6 +60,7 @@ class StepStats:
     grad_syncs: int  # micro-steps whose backward all-reduced gradients (DDP; see distributed.GradSyncCounter)
     stop_requested: bool  # some rank got SIGTERM/SIGUSR1/SIGINT: all stop after this step
     started: float  # time.perf_counter() at the start of the step
+    data_s: float = 0.0  # of which waiting for batches: sampling, the token check, the copy to the device
 
 
 def train(
@@ -146,10 +147,12 @@ def train_step(run: Run, step: int) -> StepStats:
     local_loss = torch.zeros((), device=run.device)
     grad_syncs, counter = 0, run.sync_counter
     batches = step_batches(run, step)
+    data_s, fetched = 0.0, time.perf_counter()
     for m, batch in enumerate(batches):
         check_token_ids(batch.inputs, batch.targets, run.model_config.vocab_size, run.store_path,
                         f"a batch of step {step + 1}")
         x, y, doc_ids = batch.inputs.to(run.device), batch.targets.to(run.device), batch.doc_ids.to(run.device)
+        data_s += time.perf_counter() - fetched
         distributed.set_gradient_sync(run.model, m == tp.accumulation_steps - 1)
         # The loss comes from the model: cross-entropy fused with the output head, so the (B, T, vocab)
         # logits never exist. doc_ids (the store's documents, by offset) serve train.attention/positions = document.
@@ -161,6 +164,7 @@ def train_step(run: Run, step: int) -> StepStats:
         (run.scaler.scale(objective) if run.scaler else objective).backward()
         grad_syncs += bool(counter and counter.reductions > reductions)
         local_loss += micro_loss.detach()
+        fetched = time.perf_counter()  # the next micro-batch's wait starts here
     if step + 1 in run.nan_grad_steps:
         _poison_gradient(run.model)
     if step + 1 in run.nan_steps:
@@ -202,7 +206,7 @@ def train_step(run: Run, step: int) -> StepStats:
 
     # ------------------------------------------------------------------ log
     stats = StepStats(step=step + 1, loss=run.loss, lr=lr, grad_norm=grad_norm, grad_syncs=grad_syncs,
-                      stop_requested=stop_now, started=started)
+                      stop_requested=stop_now, started=started, data_s=data_s)
     log_step(run, stats)
     return stats
 
@@ -213,7 +217,9 @@ def log_step(run: Run, stats: StepStats) -> None:
         return
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
-    run.tokens_per_s = run.tokens_per_step / (time.perf_counter() - stats.started)
+    step_s = time.perf_counter() - stats.started
+    run.tokens_per_s = run.tokens_per_step / step_s
+    run.data_wait_s, run.step_time_s = run.data_wait_s + stats.data_s, run.step_time_s + step_s
     run.mfu = run.flops_per_token * run.tokens_per_s / run.peak_flops
     counted = run.sync_counter is not None or not run.world.distributed  # FSDP's syncs are not counted
     row = {"step": stats.step, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
@@ -269,6 +275,9 @@ def finish(run: Run, step: int, elapsed: float) -> dict:
         "val_bits_per_byte": run.val_bpb, "val_bits_per_byte_by_source": run.val_bpbs,
         **run.spike.metrics(),  # rollbacks, spike_skips
         "optimizer": run.tp.optimizer, "compiled": run.compiled, "compile_reason": run.compile_reason,
+        # Rank 0's share of step time spent waiting for batches (sampling, checks, host-to-device copy).
+        "data_wait": round(run.data_wait_s / run.step_time_s, 4) if run.step_time_s else None,
+        "peak_memory_mb": round(peak_memory_mb(run.device), 1),
     }
     if run.world.is_main:
         write_metrics(run.out_dir / "metrics.json", metrics)

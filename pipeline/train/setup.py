@@ -88,6 +88,8 @@ class Run:
     peak_flops: float = 1.0
     tokens_per_s: float = 0.0  # of the last step, rank 0
     mfu: float = 0.0  # of the last step, rank 0
+    data_wait_s: float = 0.0  # this invocation's time spent building batches and copying them to the device
+    step_time_s: float = 0.0  # this invocation's time in train_step: data_wait_s / step_time_s is the data share
     nan_steps: set[int] = field(default_factory=set)
     nan_grad_steps: set[int] = field(default_factory=set)
     # experiment trackers (pipeline/train/tracking.py): empty unless train.trackers names some, on rank 0
