@@ -163,9 +163,10 @@ def _own_data_from_the_command_line(project: Path) -> None:
     (project / "data" / "raw.jsonl").write_text("\n".join(lines[1::3]) + "\n")
     done = mm("tokenize", "data/raw.jsonl", cwd=project)
     assert done.returncode == 0, done.stderr[-3000:]
-    # out/ holds the demo's run on sample: a run on other data starts over (--resume none).
-    done = mm("train", "--set", "train.max_steps=3", "--resume", "none", cwd=project)
+    # out/ holds the demo's run on sample: the run on the user's data starts fresh and moves it aside.
+    done = mm("train", "--set", "train.max_steps=3", cwd=project)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "starts fresh: moved it to" in done.stderr and list((project / "out" / "superseded").iterdir())
     assert "data: using the store's source raw" in done.stderr
     assert "(chosen by the shipped-default rule" in done.stderr and re.search(r"\n\s+raw\s+[\d,]+", done.stderr)
     assert set(json.loads((project / "out" / "metrics.json").read_text())["tokens_by_source"]) == {"raw"}

@@ -33,7 +33,7 @@ from pipeline.train.branch import check_resume_schedule, copy_branch_logs
 from pipeline.train.compiling import decide as decide_compile
 from pipeline.train.optim import make_optimizer
 from pipeline.train.progress import PERF_COLUMNS, TRAIN_COLUMNS, VAL_COLUMNS, Display, MetricLog
-from pipeline.train.resume import pick_checkpoint
+from pipeline.train.resume import pick_checkpoint, supersede_run
 from pipeline.train.run_data import TrainData, open_train_data
 from pipeline.train.spike import SpikeGuard
 from pipeline.train.tracking import Trackers
@@ -166,6 +166,7 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
 
     # ------------------------------------------------------------------ resume
     checkpoint = pick_checkpoint(resume, run.out_dir, run.note, supersede=world.is_main)
+    checkpoint = _unless_user_data_replaces_it(run, checkpoint, resume)
     if checkpoint is not None:
         run.fingerprints["data_mixture"] = run.data.resume(checkpoint["data"], checkpoint["step"] * run.global_batch)
         check_compatible(checkpoint, config, run.fingerprints, allow_data_change)
@@ -193,6 +194,24 @@ def setup(tp: TrainParams, weights: dict[str, float], store_path, tokenizer_dir,
     if run.compiled:  # the first step then takes a while: say why
         run.note(f"compiling the model ({run.compile_reason})")
     return run
+
+
+def _unless_user_data_replaces_it(run: Run, checkpoint: dict | None, resume: str) -> dict | None:
+    """`mm tokenize data/raw.jsonl && mm train` after the demo: the shipped-default rule now trains
+    on the user's sources, so the run `--resume auto` found in out_dir (the demo's, on other sources)
+    is not this run to continue. It is moved to out_dir/superseded/ (never deleted), with one line,
+    and training starts fresh. Everywhere else a resume with other data is refused as before."""
+    if checkpoint is None or resume != "auto" or run.data.chosen_by == "data.sources":
+        return checkpoint
+    trained_on = sorted((checkpoint["data"].get("sources") or {}).keys())
+    if trained_on == sorted(run.data.names):
+        return checkpoint
+    if run.world.is_main:
+        moved = supersede_run(run.out_dir)
+        where = f"moved it to {moved[0]}" if moved else "left it in place"
+        run.note(f"{run.out_dir} held a run on {', '.join(trained_on) or 'other sources'}; this one trains on "
+                 f"{', '.join(run.data.names)} (the shipped-default rule), so it starts fresh: {where}")
+    return None
 
 
 def open_outputs(run: Run, cleanup: ExitStack) -> None:
