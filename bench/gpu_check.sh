@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of docs/gpu.md in one command, on one GPU, in under 8 minutes:
+# Every GPU figure of docs/gpu.md in one command, on one GPU (sized to take a few minutes):
 #
 #   bench/gpu_check.sh [--device cuda|cpu] [--out DIR]
 #
@@ -13,9 +13,10 @@
 #
 # --device cpu rehearses every step on the CPU at tiny sizes (a few minutes on 2 cores), so that a
 # GPU's minutes go to measuring. Logs and figures land in DIR (default gpu_check/); summary.txt
-# holds the figures, and a copy of DIR goes to $OUT when that is set (the GPU machine's return folder).
+# holds the figures; when $OUT is set, the summary, the speed and training figures and a tarball of the
+# logs are copied there too (a folder that a remote runner brings back).
 # Without network: run bench/gpu_wheels.sh first where there is one; the wheels in .whl/ are
-# installed into /tmp/site here.
+# installed into scratch space (SITE, default /tmp/site).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=cuda
@@ -31,9 +32,10 @@ mkdir -p "$DIR"
 DIR="$(cd "$DIR" && pwd)"
 PY="${PYTHON:-python3}"
 if [ -d .whl ] && ! "$PY" -c "import zarr" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  SITE="${SITE:-/tmp/site}"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
     || { echo "could not install the wheels in .whl/" >&2; exit 1; }
-  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+  export PYTHONPATH="$SITE:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 MM=("$PY" -m stages.cli)

@@ -199,7 +199,7 @@ def training_memory(c: ModelConfig, micro_batch: int, seq_len: int, dtype: str =
 def block_activation_bytes(c: ModelConfig, batch: int, seq_len: int, e: int, device: str = "cpu") -> int:
     """Bytes one transformer block saves for its backward (pipeline/model/transformer.py's Block, e-byte activations).
 
-    Counted tensor by tensor from the autograd graph (tests/test_memory.py checks the
+    Counted tensor by tensor from the autograd graph (tests/test_optim.py checks the
     count against torch's saved-tensor hooks): each RMSNorm keeps its fp32 input, the
     normalised fp32 product and 1/rms; each Linear keeps its input (under autocast a
     separate half-precision cast per projection: q, k, v, gate, up); attention keeps

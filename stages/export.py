@@ -11,7 +11,9 @@ from stages.common import ParamsOption, SetOption, load
 
 
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to export.")] = Path("out/ckpt.pth"),
+    checkpoint: Annotated[Path, typer.Argument(
+        help="Checkpoint to export; a bare file name that is not here is taken from train.out_dir "
+             "(`mm export ckpt.pth` exports out/ckpt.pth).")] = Path("out/ckpt.pth"),
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="Output directory (hf) or file (gguf; default export.gguf).")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="fp32 | bf16 | fp16 (default: params export.dtype).")
@@ -33,6 +35,8 @@ def export(
     dtype = dtype or p.export.dtype
     if format not in ("hf", "gguf"):
         raise UserError(f"--format: must be hf or gguf, got {format!r}")
+    if not checkpoint.exists() and checkpoint.parent == Path(".") and (Path(p.train.out_dir) / checkpoint).exists():
+        checkpoint = Path(p.train.out_dir) / checkpoint  # `mm export ckpt.pth`: the run's own checkpoint
     state = load_checkpoint(checkpoint)
     source = str(checkpoint)
     if format == "hf":

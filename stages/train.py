@@ -27,7 +27,8 @@ def train(
         help="auto (continue from the newest checkpoint in train.out_dir that verifies: its step_*.pth files, "
              "then ckpt.pth), none (start over; an earlier run there is moved to superseded/), or a checkpoint "
              "path.")] = "auto",
-    allow_data_change: Annotated[bool, typer.Option(help="Resume even though the token store changed.")] = False,
+    allow_data_change: Annotated[bool, typer.Option(
+        help="Resume even though the data changed: the token store, the source weights or train.seed.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     gpus: Annotated[Optional[int], typer.Option(
         help="GPUs per node: relaunch under torchrun with one process each (NCCL); "

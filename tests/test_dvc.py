@@ -170,7 +170,7 @@ def _own_data_from_the_command_line(project: Path) -> None:
     assert "data: using the store's source raw" in done.stderr
     assert "(chosen by the shipped-default rule" in done.stderr and re.search(r"\n\s+raw\s+[\d,]+", done.stderr)
     assert set(json.loads((project / "out" / "metrics.json").read_text())["tokens_by_source"]) == {"raw"}
-    for args in (["export", "out/ckpt.pth", "--out", "export-raw"],
+    for args in (["export", "ckpt.pth", "--out", "export-raw"],  # as typed: the run's ckpt.pth in out/
                  ["eval", "export-raw", "--out", "out/eval-raw.json", "--set", "eval.batches=1"]):
         done = mm(*args, cwd=project)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -263,7 +263,7 @@ class Transformer(nn.Module):
 
         targets (B, T): the first result is instead the sum of the tokens' cross-entropies (fp32
         scalar), computed without ever holding the logits (pipeline/model/fused_loss.py).
-        doc_ids (B, T): a document number per token (the count of BOS tokens so far), used as
+        doc_ids (B, T): a document number per token (from the store's doc_offsets), used as
         document_attention and document_positions say; ignored when both are off.
         """
         B, T = idx.shape

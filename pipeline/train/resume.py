@@ -9,6 +9,7 @@ it later. See docs/reliability.md.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import time
 from pathlib import Path
@@ -17,7 +18,6 @@ from pipeline.atomic import fsync_dir
 from pipeline.checkpoint.format import LATEST, STEP_FILE, load_checkpoint, point_latest, step_checkpoints
 from pipeline.checkpoint.read import CheckpointCorrupt
 from pipeline.errors import UserError
-from pipeline.train.runlock import LOCK_FILE
 
 QUARANTINE = "quarantine"
 
@@ -91,13 +91,18 @@ def pick_checkpoint(resume: str, out_dir: Path, warn, supersede: bool = False) -
     return state
 
 
-QUARANTINE = "quarantine"
 SUPERSEDED = "superseded"  # also where the trackers move their earlier files (pipeline/train/trackers.py)
 
 
+# What a run writes in its out_dir (checkpoints, logs, metrics, plots, tracker files, eval results):
+# what moves aside. Anything else there (train.out_dir=. holds the project) stays where it is.
+RUN_FILES = (LATEST, "step_*.pth", "*.tsv", "metrics.json", "loss.png", QUARANTINE, "tb", "wandb", "swanlog",
+             "eval.json", "bench.json", "bench")
+
+
 def supersede_run(out_dir: Path) -> tuple[Path, str] | None:
-    """Move an earlier run out of the way of a fresh one: everything in out_dir but the lock and
-    superseded/ goes to out_dir/superseded/<time>/, never deleted (the new run would prune its
+    """Move an earlier run out of the way of a fresh one: its files (RUN_FILES) go to
+    out_dir/superseded/<time>/, never deleted (the new run would prune its
     checkpoints and cut its logs). Returns (where, what it held), or None when out_dir holds no
     ckpt.pth: every run that saved once has one, unless DVC removed it (its output, kept in its
     cache) before rerunning the stage; the step files left then are not a run to keep a second copy
@@ -111,7 +116,7 @@ def supersede_run(out_dir: Path) -> tuple[Path, str] | None:
         target, n = out_dir / SUPERSEDED / f"{stamp}.{n}", n + 1
     target.mkdir(parents=True)
     for path in sorted(out_dir.iterdir()):
-        if path.name not in (LOCK_FILE, SUPERSEDED):
+        if any(fnmatch.fnmatch(path.name, pattern) for pattern in RUN_FILES):  # not what else out_dir holds
             os.replace(path, target / path.name)
     fsync_dir(target)
     fsync_dir(out_dir)

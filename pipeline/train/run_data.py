@@ -75,6 +75,10 @@ class TrainData:
         history = [Segment.from_record(r) for r in checkpoint_data.get("segments") or []]
         if not history and isinstance(checkpoint_data.get("sources"), dict):  # saved before segments were
             history = [Segment(0, tuple((n, float(e["weight"])) for n, e in checkpoint_data["sources"].items()))]
+            # Its data_mixture wrote weights to 6 digits: compare this run with its weights in today's words.
+            window_start = checkpoint_data.get("data_mixture", "").rpartition(" window_start=")[2]
+            if window_start:
+                checkpoint_data["data_mixture"] = f"{Schedule(history).key()} window_start={window_start}"
         self.sampler.set_schedule(Schedule(resumed(history, self.sampler.schedule.segments, at)))
         self._weigh_by_last_segment()
         return self.mixture_key

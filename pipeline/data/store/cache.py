@@ -88,8 +88,11 @@ class ChunkCache:
             with self.lock:
                 m = self.maps.get(sha)
                 if m is None and sha not in self.inflight and file.is_file():
-                    os.utime(file)  # recently used, for other processes sharing the directory
-                    m = self._map(file, sha, dtype, count)
+                    try:  # another process sharing the directory may evict it between the check and here
+                        os.utime(file)  # recently used, for other processes sharing the directory
+                        m = self._map(file, sha, dtype, count)
+                    except FileNotFoundError:
+                        m = None  # then fetch it again below
                 if m is not None:
                     self.maps.move_to_end(sha)
                     self.used[sha] = time.time()
@@ -124,12 +127,15 @@ class ChunkCache:
                             "is damaged (`mm verify` on it names every bad file)")
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".{sha}.{os.getpid()}.{threading.get_ident()}"
-        tmp.write_bytes(data)
-        with self.lock:  # room first, then the file: the directory never holds more than the bound
-            self._evict(room=len(data))
-            os.replace(tmp, file)  # whole or absent: a reader never maps half a chunk
-            self._map(file, sha, dtype, count)
-            self.downloads += 1
+        try:
+            tmp.write_bytes(data)
+            with self.lock:  # room first, then the file: the directory never holds more than the bound
+                self._evict(room=len(data))
+                os.replace(tmp, file)  # whole or absent: a reader never maps half a chunk
+                self._map(file, sha, dtype, count)
+                self.downloads += 1
+        finally:
+            tmp.unlink(missing_ok=True)  # gone after the rename; left only by a failed write
 
     def _evict(self, room: int) -> None:
         """Delete least recently used files until the directory has `room` bytes left under

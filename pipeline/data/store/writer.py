@@ -1,7 +1,7 @@
 """Writing the token store: zarr.json documents, chunk files appended in order, then published atomically.
 
-The layout (names, attributes, checks) is defined in `pipeline.data.store.reader`,
-next to the reader; this module writes it, so that a store on disk is always
+The layout (names, attributes, checks) is defined in `pipeline.data.store.layout`,
+shared with the reader; this module writes it, so that a store on disk is always
 whole:
 
 - a part is written under a hidden temporary name in its source's directory,
