@@ -345,8 +345,11 @@ def test_killed_rank_ends_job_and_resume_continues(work, tiny_store):
             job.kill()
     assert job.returncode not in (0, None)
     assert ended_after < 60, f"the job took {ended_after:.0f} s to end"
-    # torchrun's report: the root cause is rank 1, killed by SIGKILL.
-    assert re.search(r"Root Cause.*?rank\s*:\s*1 \(local_rank: 1\).*?SIGKILL", err, re.S), err[-3000:]
+    # torchrun's report names rank 1 as killed by SIGKILL. Under load rank 0 can see the dropped connection
+    # and exit within the same instant, and torchrun then files rank 0 as the "first observed failure"
+    # and rank 1 under the other failures: either way rank 1's SIGKILL is in the report.
+    assert "Root Cause" in err and re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n.*?SIGKILL", err, re.S), \
+        err[-3000:]
     assert "error: distributed training failed" in err
     before = losses(out)
     killed_step = max(before)
