@@ -138,7 +138,7 @@ def _train_here(p, data, tokenizer, model, resume, allow_data_change, device) ->
 
 def _run_launcher(cmd: list[str]) -> int:
     """Run torchrun in its own process group; pass stop signals to every process in it."""
-    from pipeline.train.loop import PREEMPTED_EXIT_CODE
+    from pipeline.train.loop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
     from pipeline.train.runlock import held_fds
 
     # torchrun inherits the out_dir lock: it stays held while torchrun lives, even if this process is killed.
@@ -162,7 +162,7 @@ def _run_launcher(cmd: list[str]) -> int:
         signal.signal(s, forward)
     code = child.wait()
     if forwarded and code != 0:
-        return PREEMPTED_EXIT_CODE if signal.SIGINT not in forwarded else 130
+        return INTERRUPTED_EXIT_CODE if signal.SIGINT in forwarded else PREEMPTED_EXIT_CODE
     if code != 0:
         print(f"error: distributed training failed (torchrun exit code {code}); torchrun's report above names the "
               "failing rank under 'Root Cause'; `--resume auto` continues from the last checkpoint", file=sys.stderr)

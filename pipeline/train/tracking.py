@@ -110,10 +110,10 @@ class Trackers:
                     self._call(tracker, "log", step, rows[step])
 
     # ------------------------------------------------------------------ during the run
-    def log_row(self, step: int, prefix: str, row: dict, **extra) -> None:
-        """A TSV row (its step column dropped) as `prefix/<column>`, plus `extra` under the same prefix."""
+    def log_row(self, step: int, prefix: str, row: dict) -> None:
+        """A TSV row (its step column dropped) as `prefix/<column>`."""
         if self.active:
-            self.log(step, {f"{prefix}/{k}": v for k, v in {**row, **extra}.items() if k != "step"})
+            self.log(step, {f"{prefix}/{k}": v for k, v in row.items() if k != "step"})
 
     def log(self, step: int, metrics: dict) -> None:
         """Add metrics to step `step`'s row; the row goes out once a later step begins."""
